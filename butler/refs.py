@@ -1,0 +1,113 @@
+"""Dataset types and dataset references."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import DatasetTypeConflictError
+
+__all__ = ["DatasetType", "DatasetRef", "data_id_key", "new_dataset_id"]
+
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$")
+
+
+@dataclass(frozen=True)
+class DatasetType:
+    """A named kind of dataset: its dimensions and storage class.
+
+    Attributes
+    ----------
+    name : str
+        E.g. ``"calexp"``; letters, digits and ``_`` (one ``.`` for components).
+    dimensions : tuple of str
+        Canonical required dimensions (``("instrument", "visit", "detector")``).
+    storage_class : str
+        E.g. ``"Exposure"``, ``"SourceCatalog"``.
+    """
+
+    name: str
+    dimensions: tuple[str, ...]
+    storage_class: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not _NAME.match(self.name):
+            raise DatasetTypeConflictError(
+                f"invalid dataset type name {self.name!r}: use letters, digits and '_' (not starting with a digit)"
+            )
+        object.__setattr__(self, "dimensions", tuple(self.dimensions))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data."""
+        return {"name": self.name, "dimensions": list(self.dimensions), "storage_class": self.storage_class}
+
+
+def data_id_key(data_id: Mapping[str, Any], keys: tuple[str, ...]) -> str:
+    """Canonical text of the required part of a data ID (used for uniqueness in the registry)."""
+    return ",".join(f"{k}={data_id[k]}" for k in keys)
+
+
+def new_dataset_id() -> str:
+    """A new random dataset id (32 hex digits of a UUID4)."""
+    return uuid.uuid4().hex
+
+
+@dataclass(frozen=True)
+class DatasetRef:
+    """A reference to one dataset (stored, or predicted by a quantum graph).
+
+    Attributes
+    ----------
+    dataset_type : DatasetType
+    data_id : dict
+        Required keys first, then implied keys when known (``band`` for a visit).
+    run : str
+        The RUN collection that holds (or will hold) the dataset.
+    id : str
+        32 hex digits; unique in the repository.
+    path : str or None
+        Datastore path relative to the repository root, once stored.
+    """
+
+    dataset_type: DatasetType
+    data_id: dict[str, Any]
+    run: str
+    id: str = field(default_factory=new_dataset_id)
+    path: str | None = field(default=None, compare=False)
+
+    @property
+    def required_data_id(self) -> dict[str, Any]:
+        """The data ID restricted to the dataset type's required dimensions."""
+        return {k: self.data_id[k] for k in self.dataset_type.dimensions}
+
+    def __hash__(self) -> int:
+        return hash(self.id)
+
+    def __repr__(self) -> str:
+        did = ", ".join(f"{k}: {v!r}" for k, v in self.required_data_id.items())
+        return f"DatasetRef({self.dataset_type.name}, {{{did}}}, run={self.run!r}, id={self.id[:8]})"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (for quantum graphs and worker results)."""
+        return {
+            "dataset_type": self.dataset_type.to_dict(),
+            "data_id": dict(self.data_id),
+            "run": self.run,
+            "id": self.id,
+            "path": self.path,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> DatasetRef:
+        """Inverse of :meth:`to_dict`."""
+        dt = data["dataset_type"]
+        return cls(
+            DatasetType(dt["name"], tuple(dt["dimensions"]), dt["storage_class"]),
+            dict(data["data_id"]),
+            data["run"],
+            data["id"],
+            data.get("path"),
+        )

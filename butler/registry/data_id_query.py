@@ -1,0 +1,175 @@
+"""``query_data_ids``: data IDs from dimension tables, datasets and spatial joins.
+
+The query joins, on shared key columns, the tables that enumerate valid values of the requested
+dimensions: the dimension tables, the ``visit_detector_region`` element when visit and detector
+are both present (so only observed combinations come back), and dataset tables when existence of
+datasets is required.  When observation dimensions (visit/detector) meet skymap dimensions
+(tract/patch), their HEALPix index tables are joined on the pixel number (a superset), and the
+exact polygon overlap test of :mod:`butler.registry.spatial` removes the false matches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import sqlalchemy as sa
+
+from ..dimensions import DataId
+from ..errors import DataIdError
+from ..queries import identifiers, parse_cached
+from ..regions import overlapping_pairs
+from . import spatial
+from .database import read_connection
+
+if TYPE_CHECKING:
+    from .registry import Registry
+
+__all__ = ["DataIdQuery"]
+
+_SKY_FAMILY = ("skymap", "tract", "patch")
+
+
+class DataIdQuery:
+    """One data-ID query against a registry."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+        self.universe = registry.universe
+        self.tables = registry.tables
+
+    def run(
+        self,
+        dimensions: Iterable[str],
+        where: str | None,
+        bind: Mapping[str, Any] | None,
+        data_id: Mapping[str, Any] | None,
+        datasets: str | Sequence[str] | None,
+        collections: str | Sequence[str] | None,
+    ) -> list[DataId]:
+        u = self.universe
+        requested = u.required_closure(dimensions)
+        expression = parse_cached(where) if where else None
+        referenced = {name.partition(".")[0] for name in identifiers(expression, bind)} if expression else set()
+        data_id = dict(data_id or {})
+        for key in data_id:
+            u[key]
+        dataset_names = [datasets] if isinstance(datasets, str) else list(datasets or [])
+        dataset_types = [self.registry.get_dataset_type(n) for n in dataset_names]
+        all_dims = set(requested) | referenced | set(data_id)
+        for dt in dataset_types:
+            all_dims |= set(dt.dimensions)
+        for name in referenced:
+            u[name]
+        dims = u.full_closure(all_dims)
+        obs = [d for d in dims if d not in _SKY_FAMILY]
+        sky = [d for d in dims if d in _SKY_FAMILY]
+        spatial_join = bool(set(obs) & {"visit", "detector"}) and bool(set(sky) & {"tract", "patch"})
+
+        key_columns: dict[str, Any] = {}
+        from_clause: Any = None
+
+        def add(table: Any, keys: Iterable[str], implied: Iterable[str] = ()) -> None:
+            # Join on every key (and implied key column) already present; register the new ones.
+            nonlocal from_clause
+            columns = [*keys, *implied]
+            shared = [k for k in columns if k in key_columns]
+            if from_clause is None:
+                from_clause = table
+            else:
+                on = sa.and_(*(table.c[k] == key_columns[k] for k in shared)) if shared else sa.true()
+                from_clause = from_clause.join(table, on)
+            for k in columns:
+                key_columns.setdefault(k, table.c[k])
+
+        obs_element = sky_element = None
+        if spatial_join:
+            obs_element = "visit_detector_region" if "detector" in obs and "visit" in obs else "visit"
+            if obs_element == "visit" and "visit" not in obs:
+                raise DataIdError("a spatial join needs a visit (detector alone has no sky region)")
+            sky_element = "patch" if "patch" in sky else "tract"
+            obs_hpx = self.tables.hpx[obs_element].alias("obs_hpx")
+            sky_hpx = self.tables.hpx[sky_element].alias("sky_hpx")
+            obs_keys = u.required_closure(self.universe.elements[obs_element].requires) if obs_element in u.elements else u.required_closure([obs_element])
+            sky_keys = u.required_closure([sky_element])
+            add(obs_hpx, obs_keys)
+            from_clause = from_clause.join(sky_hpx, sky_hpx.c.pix == obs_hpx.c.pix)
+            for k in sky_keys:
+                key_columns.setdefault(k, sky_hpx.c[k])
+        elif "visit" in dims and "detector" in dims:
+            vdr = self.tables.regions["visit_detector_region"]
+            add(vdr, u.required_closure(["visit", "detector"]))
+        for name in sorted(dims, key=lambda n: -len(u.required_closure([n]))):
+            add(self.tables.dimensions[name], u.required_closure([name]), u[name].implies)
+
+        conditions = [key_columns[k] == u.coerce_value(k, v) for k, v in data_id.items() if k in key_columns]
+        implied_data_id = {k: v for k, v in data_id.items() if k not in key_columns}
+        joins: dict[str, sa.Table] = {}
+        for dt in dataset_types:
+            type_id, _ = self.registry._dataset_type_row(dt.name)
+            colls = self.registry.flatten_collections(collections or [])
+            run_ids = [c.id for c in colls if c.type == "RUN"]
+            d = self.tables.dataset.alias(f"ds_{dt.name}")
+            from_clause = from_clause.join(
+                d,
+                sa.and_(
+                    d.c.dataset_type_id == type_id,
+                    d.c.run_id.in_(run_ids),
+                    *(d.c[k] == key_columns[k] for k in dt.dimensions),
+                ),
+            )
+        if expression is not None:
+            resolver = self.registry._where.resolver(u.full_closure(dims), self._column_for(key_columns), joins)
+            from ..queries import compile_where
+
+            conditions.append(compile_where(expression, resolver, bind))
+        # Record fields (visit.seeing) resolve to the dimension tables already in the FROM clause.
+        out_keys = list(requested)
+        select_cols = [key_columns[k].label(k) for k in out_keys]
+        if spatial_join:
+            obs_region_table = self.tables.regions.get(obs_element) if obs_element in u.elements else self.tables.dimensions[obs_element]
+            sky_region_table = self.tables.dimensions[sky_element]
+            obs_rt = obs_region_table.alias("obs_region")
+            sky_rt = sky_region_table.alias("sky_region")
+            from_clause = from_clause.join(
+                obs_rt, sa.and_(*(obs_rt.c[k] == key_columns[k] for k in obs_keys))
+            ).join(sky_rt, sa.and_(*(sky_rt.c[k] == key_columns[k] for k in sky_keys)))
+            pair_cols = [key_columns[k].label(f"_pair_{k}") for k in (*obs_keys, *sky_keys) if k not in out_keys]
+            select_cols += pair_cols + [obs_rt.c.region.label("_obs_region"), sky_rt.c.region.label("_sky_region")]
+        query = sa.select(*select_cols).select_from(from_clause).where(*conditions).distinct()
+        with read_connection(self.registry.engine) as conn:
+            rows = conn.execute(query).all()
+        if spatial_join:
+            rows = self._exact_overlaps(rows)
+        result: dict[tuple, DataId] = {}
+        for row in rows:
+            key = tuple(row._mapping[k] for k in out_keys)
+            if key not in result:
+                result[key] = dict(zip(out_keys, key, strict=True))
+        out = list(result.values())
+        if implied_data_id:
+            out = [d for d in out if all(d.get(k, v) == v for k, v in implied_data_id.items())]
+        return sorted(out, key=lambda d: tuple(d[k] for k in out_keys))
+
+    def _column_for(self, key_columns: dict[str, Any]) -> Any:
+        def key_column(dim: str) -> Any:
+            return key_columns[dim]
+
+        return key_column
+
+    @staticmethod
+    def _exact_overlaps(rows: list[Any]) -> list[Any]:
+        cache: dict[str, Any] = {}
+
+        def region(text: str) -> Any:
+            value = cache.get(text)
+            if value is None:
+                value = cache[text] = spatial.region_from_text(text)
+            return value
+
+        if not rows:
+            return rows
+        keep = overlapping_pairs(
+            [region(r._mapping["_obs_region"]) for r in rows], [region(r._mapping["_sky_region"]) for r in rows]
+        )
+        return [r for r, k in zip(rows, keep, strict=True) if k]

@@ -1,0 +1,814 @@
+"""The registry: dataset types, collections, dimension records and datasets in one SQL database.
+
+Written with SQLAlchemy Core; dialect-specific SQL lives in :mod:`butler.registry.database`.
+Every write runs in one transaction (``BEGIN IMMEDIATE`` on SQLite), so a failed call changes
+nothing.  Read paths cache what cannot change under them (dataset types, collection ids, expanded
+data IDs) because a put or get is dominated by round trips, not by SQL.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import logging
+import threading
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from ..dimensions import DataId, DimensionUniverse
+from ..errors import (
+    CollectionTypeError,
+    DatasetExistsError,
+    DatasetTypeConflictError,
+    DataIdError,
+    DimensionNameError,
+    DimensionRecordNotFoundError,
+    InvalidQueryError,
+    MissingCollectionError,
+    MissingDatasetTypeError,
+)
+from ..refs import DatasetRef, DatasetType, data_id_key
+from . import spatial
+from .database import insert_or_ignore, make_engine, read_connection, write_transaction
+from .schema import COLLECTION_TYPES, SCHEMA_VERSION, RegistryTables, build_tables
+from .where import WhereCompiler
+
+__all__ = ["Registry", "CollectionInfo"]
+
+_log = logging.getLogger(__name__)
+_TYPE_NAMES = {code: name for name, code in COLLECTION_TYPES.items()}
+
+
+class CollectionInfo(tuple):
+    """``(id, name, type)`` of a collection."""
+
+    __slots__ = ()
+
+    def __new__(cls, id: int, name: str, type: str) -> CollectionInfo:  # noqa: A002
+        return super().__new__(cls, (id, name, type))
+
+    @property
+    def id(self) -> int:
+        return self[0]
+
+    @property
+    def name(self) -> str:
+        return self[1]
+
+    @property
+    def type(self) -> str:
+        return self[2]
+
+
+class Registry:
+    """A registry database.
+
+    Use :meth:`create` for a new database and :meth:`open` for an existing one.
+    """
+
+    def __init__(self, engine: Engine, universe: DimensionUniverse) -> None:
+        self.engine = engine
+        self.universe = universe
+        self.tables: RegistryTables = build_tables(universe)
+        self._lock = threading.Lock()
+        self._dataset_types: dict[str, tuple[int, DatasetType]] = {}
+        self._collections: dict[str, CollectionInfo] = {}
+        self._expanded: dict[tuple, DataId] = {}
+        self._where = WhereCompiler(self)
+
+    # ------------------------------------------------------------------ lifecycle
+    @classmethod
+    def create(cls, db: str, universe: DimensionUniverse) -> Registry:
+        """Create the tables of a new registry at ``db`` (SQLite path or SQLAlchemy URL)."""
+        engine = make_engine(db)
+        registry = cls(engine, universe)
+        with write_transaction(engine) as conn:
+            registry.tables.metadata.create_all(conn)
+            conn.execute(
+                registry.tables.attributes.insert(),
+                [
+                    {"name": "schema_version", "value": str(SCHEMA_VERSION)},
+                    {"name": "universe", "value": json.dumps(universe.to_config())},
+                ],
+            )
+        return registry
+
+    @classmethod
+    def open(cls, db: str) -> Registry:
+        """Open an existing registry; its universe is read from the database."""
+        engine = make_engine(db)
+        md = sa.MetaData()
+        attributes = sa.Table("butler_attributes", md, sa.Column("name", sa.String), sa.Column("value", sa.Text))
+        with read_connection(engine) as conn:
+            rows = dict(conn.execute(sa.select(attributes.c.name, attributes.c.value)).all())
+        version = int(rows.get("schema_version", -1))
+        if version != SCHEMA_VERSION:
+            raise DataIdError(f"registry {db} has schema version {version}; this diapipe reads {SCHEMA_VERSION}")
+        universe = DimensionUniverse.from_config(json.loads(rows["universe"]), source=f"{db} (universe)")
+        return cls(engine, universe)
+
+    def close(self) -> None:
+        """Release the database connections."""
+        self.engine.dispose()
+
+    # ------------------------------------------------------------------ dataset types
+    def register_dataset_type(self, dataset_type: DatasetType) -> bool:
+        """Register a dataset type; returns False if an identical one exists.
+
+        Raises
+        ------
+        DatasetTypeConflictError
+            If the name is registered with other dimensions or storage class.
+        """
+        dims = self.universe.required_closure(dataset_type.dimensions)
+        dataset_type = DatasetType(dataset_type.name, dims, dataset_type.storage_class)
+        try:
+            existing = self.get_dataset_type(dataset_type.name)
+        except MissingDatasetTypeError:
+            existing = None
+        if existing is not None:
+            if existing != dataset_type:
+                raise DatasetTypeConflictError(
+                    f"dataset type {dataset_type.name!r} is already registered as {existing.dimensions} / "
+                    f"{existing.storage_class}; cannot register it as {dims} / {dataset_type.storage_class}"
+                )
+            return False
+        table = self.tables.dataset_type
+        with write_transaction(self.engine) as conn:
+            conn.execute(
+                insert_or_ignore(table).values(
+                    name=dataset_type.name, dimensions=json.dumps(list(dims)), storage_class=dataset_type.storage_class
+                )
+            )
+        self._dataset_types.pop(dataset_type.name, None)
+        return self.get_dataset_type(dataset_type.name) == dataset_type
+
+    def _dataset_type_row(self, name: str) -> tuple[int, DatasetType]:
+        cached = self._dataset_types.get(name)
+        if cached is not None:
+            return cached
+        table = self.tables.dataset_type
+        with read_connection(self.engine) as conn:
+            row = conn.execute(sa.select(table).where(table.c.name == name)).first()
+        if row is None:
+            known = [dt.name for dt in self.query_dataset_types()]
+            raise MissingDatasetTypeError(
+                f"dataset type {name!r} is not registered; registered: {', '.join(known) or 'none'}. "
+                "Register it with register_dataset_type() or `butler register-dataset-type`."
+            )
+        entry = (row.id, DatasetType(row.name, tuple(json.loads(row.dimensions)), row.storage_class))
+        self._dataset_types[name] = entry
+        return entry
+
+    def get_dataset_type(self, name: str) -> DatasetType:
+        """A registered dataset type by name."""
+        return self._dataset_type_row(name)[1]
+
+    def query_dataset_types(self, pattern: str = "*") -> list[DatasetType]:
+        """Registered dataset types whose names match a glob pattern, sorted by name."""
+        table = self.tables.dataset_type
+        with read_connection(self.engine) as conn:
+            rows = conn.execute(sa.select(table).order_by(table.c.name)).all()
+        return [
+            DatasetType(r.name, tuple(json.loads(r.dimensions)), r.storage_class)
+            for r in rows
+            if fnmatch.fnmatchcase(r.name, pattern)
+        ]
+
+    # ------------------------------------------------------------------ collections
+    def register_collection(self, name: str, type: str = "RUN", doc: str | None = None) -> bool:  # noqa: A002
+        """Create a collection; returns False if one of that name and type exists.
+
+        Raises
+        ------
+        CollectionTypeError
+            If it exists with another type, or the type is unknown.
+        """
+        from ..datastore import validate_run_name
+
+        cached = self._collections.get(name)
+        if cached is not None and cached.type == type:
+            return False
+        if type not in COLLECTION_TYPES:
+            raise CollectionTypeError(f"unknown collection type {type!r}; use one of {list(COLLECTION_TYPES)}")
+        validate_run_name(name)
+        table = self.tables.collection
+        with write_transaction(self.engine) as conn:
+            existing = conn.execute(sa.select(table.c.type).where(table.c.name == name)).scalar()
+            if existing is not None:
+                if existing != COLLECTION_TYPES[type]:
+                    raise CollectionTypeError(
+                        f"collection {name!r} already exists as {_TYPE_NAMES[existing]}, not {type}"
+                    )
+                return False
+            conn.execute(table.insert().values(name=name, type=COLLECTION_TYPES[type], doc=doc))
+        return True
+
+    def get_collection(self, name: str) -> CollectionInfo:
+        """``(id, name, type)`` of a collection.
+
+        Raises
+        ------
+        MissingCollectionError
+            With the list of existing collections.
+        """
+        info = self._collections.get(name)
+        if info is not None:
+            return info
+        table = self.tables.collection
+        with read_connection(self.engine) as conn:
+            row = conn.execute(sa.select(table).where(table.c.name == name)).first()
+        if row is None:
+            known = [c for c, _ in self.query_collections()]
+            raise MissingCollectionError(
+                f"collection {name!r} does not exist; existing collections: {', '.join(known) or 'none'}"
+            )
+        info = CollectionInfo(row.id, row.name, _TYPE_NAMES[row.type])
+        self._collections[name] = info
+        return info
+
+    def set_collection_chain(self, parent: str, children: Sequence[str]) -> None:
+        """Define (replace) the ordered search path of a CHAINED collection.
+
+        Raises
+        ------
+        CollectionTypeError
+            If ``parent`` is not CHAINED or the chain would contain itself.
+        """
+        info = self.get_collection(parent)
+        if info.type != "CHAINED":
+            raise CollectionTypeError(f"collection {parent!r} is {info.type}, not CHAINED")
+        child_infos = [self.get_collection(c) for c in children]
+        for child in child_infos:
+            if parent in [c.name for c in self.flatten_collections([child.name], include_chains=True)]:
+                raise CollectionTypeError(f"chain {parent!r} cannot contain {child.name!r}: that would be a cycle")
+        table = self.tables.collection_chain
+        with write_transaction(self.engine) as conn:
+            conn.execute(table.delete().where(table.c.parent == info.id))
+            if child_infos:
+                conn.execute(
+                    table.insert(),
+                    [{"parent": info.id, "position": i, "child": c.id} for i, c in enumerate(child_infos)],
+                )
+
+    def get_collection_chain(self, parent: str) -> list[str]:
+        """The children of a CHAINED collection, in search order."""
+        info = self.get_collection(parent)
+        if info.type != "CHAINED":
+            raise CollectionTypeError(f"collection {parent!r} is {info.type}, not CHAINED")
+        chain, coll = self.tables.collection_chain, self.tables.collection
+        with read_connection(self.engine) as conn:
+            rows = conn.execute(
+                sa.select(coll.c.name)
+                .select_from(chain.join(coll, chain.c.child == coll.c.id))
+                .where(chain.c.parent == info.id)
+                .order_by(chain.c.position)
+            ).all()
+        return [r.name for r in rows]
+
+    def query_collections(self, pattern: str = "*", types: Iterable[str] | None = None) -> list[tuple[str, str]]:
+        """``(name, type)`` of collections matching a glob pattern, sorted by name."""
+        wanted = set(types) if types else set(COLLECTION_TYPES)
+        table = self.tables.collection
+        with read_connection(self.engine) as conn:
+            rows = conn.execute(sa.select(table.c.name, table.c.type).order_by(table.c.name)).all()
+        return [
+            (r.name, _TYPE_NAMES[r.type])
+            for r in rows
+            if _TYPE_NAMES[r.type] in wanted and fnmatch.fnmatchcase(r.name, pattern)
+        ]
+
+    def flatten_collections(self, collections: str | Sequence[str], *, include_chains: bool = False) -> list[CollectionInfo]:
+        """Expand CHAINED collections into their RUN/TAGGED members, in search order, without repeats."""
+        if isinstance(collections, str):
+            collections = [collections]
+        out: list[CollectionInfo] = []
+        seen: set[int] = set()
+
+        def visit(name: str, depth: int) -> None:
+            if depth > 100:
+                raise CollectionTypeError(f"collection chain through {name!r} is too deep (a cycle?)")
+            info = self.get_collection(name)
+            if info.type == "CHAINED":
+                if include_chains and info.id not in seen:
+                    seen.add(info.id)
+                    out.append(info)
+                for child in self.get_collection_chain(name):
+                    visit(child, depth + 1)
+            elif info.id not in seen:
+                seen.add(info.id)
+                out.append(info)
+
+        for name in collections:
+            visit(name, 0)
+        return out
+
+    def remove_runs(self, names: Sequence[str]) -> list[str]:
+        """Delete RUN collections with their datasets and chain memberships.
+
+        Returns
+        -------
+        list of str
+            Datastore paths of the removed datasets (the caller deletes the files).
+        """
+        infos = [self.get_collection(n) for n in names]
+        for info in infos:
+            if info.type != "RUN":
+                raise CollectionTypeError(f"collection {info.name!r} is {info.type}, not RUN")
+        t = self.tables
+        ids = [i.id for i in infos]
+        with write_transaction(self.engine) as conn:
+            paths = [
+                r.path
+                for r in conn.execute(sa.select(t.dataset.c.path).where(t.dataset.c.run_id.in_(ids))).all()
+                if r.path
+            ]
+            dataset_ids = sa.select(t.dataset.c.id).where(t.dataset.c.run_id.in_(ids))
+            conn.execute(t.dataset_tag.delete().where(t.dataset_tag.c.dataset_id.in_(dataset_ids)))
+            conn.execute(t.dataset.delete().where(t.dataset.c.run_id.in_(ids)))
+            conn.execute(t.collection_chain.delete().where(t.collection_chain.c.child.in_(ids)))
+            conn.execute(t.collection.delete().where(t.collection.c.id.in_(ids)))
+        for info in infos:
+            self._collections.pop(info.name, None)
+        return paths
+
+    # ------------------------------------------------------------------ dimension records
+    def insert_dimension_records(
+        self, element: str, records: Iterable[Mapping[str, Any]], *, skip_existing: bool = False
+    ) -> int:
+        """Insert records of a dimension or spatial element; returns how many were new.
+
+        Records name required and implied dimensions by dimension name, the element's own key by its
+        key field (``id``/``name``) or its dimension name, other fields by field name, and the sky
+        region (spatial elements) as ``region`` (a :class:`~butler.regions.SkyRegion` or its dict).
+
+        Raises
+        ------
+        DataIdError
+            Missing keys, unknown fields, wrongly typed values.
+        DatasetExistsError
+            A record exists already and ``skip_existing`` is False.
+        """
+        rows, hpx_rows, table, hpx_table = self._record_rows(element, records)
+        if not rows:
+            return 0
+        with write_transaction(self.engine) as conn:
+            keys = [c.name for c in table.primary_key.columns]
+            existing = self._existing_keys(conn, table, keys, rows)
+            if existing and not skip_existing:
+                raise DatasetExistsError(
+                    f"{len(existing)} {element} record(s) already exist, e.g. "
+                    f"{dict(zip(keys, sorted(existing)[0], strict=True))}; pass skip_existing=True to ignore them"
+                )
+            new_rows = [r for r in rows if tuple(r[k] for k in keys) not in existing]
+            if new_rows:
+                conn.execute(table.insert(), new_rows)
+                if hpx_table is not None:
+                    new_keys = {tuple(r[k] for k in keys) for r in new_rows}
+                    hpx_new = [h for h in hpx_rows if tuple(h[k] for k in keys) in new_keys]
+                    if hpx_new:
+                        conn.execute(hpx_table.insert(), hpx_new)
+        self._expanded.clear()
+        return len(new_rows)
+
+    @staticmethod
+    def _existing_keys(conn: Connection, table: sa.Table, keys: list[str], rows: list[dict]) -> set[tuple]:
+        found: set[tuple] = set()
+        cols = [table.c[k] for k in keys]
+        batch = 400
+        for start in range(0, len(rows), batch):
+            chunk = rows[start : start + batch]
+            cond = sa.tuple_(*cols).in_([tuple(r[k] for k in keys) for r in chunk]) if len(keys) > 1 else cols[0].in_(
+                [r[keys[0]] for r in chunk]
+            )
+            found.update(tuple(row) for row in conn.execute(sa.select(*cols).where(cond)).all())
+        return found
+
+    def _record_rows(
+        self, element: str, records: Iterable[Mapping[str, Any]]
+    ) -> tuple[list[dict], list[dict], sa.Table, sa.Table | None]:
+        u = self.universe
+        if element in u.dimensions:
+            dim = u[element]
+            required = u.required_closure([element])
+            implied = dim.implies
+            fields = {f.name: f for f in dim.fields}
+            table = self.tables.dimensions[element]
+            own_key = dim.key_name
+            spatial_el = dim.spatial
+        elif element in u.elements:
+            required = u.required_closure(u.elements[element].requires)
+            implied, fields, own_key, spatial_el = (), {}, None, True
+            table = self.tables.regions[element]
+        else:
+            raise DimensionNameError(
+                f"unknown dimension element {element!r}; known: {', '.join([*u.dimensions, *u.elements])}"
+            )
+        hpx_table = self.tables.hpx.get(element)
+        rows: list[dict] = []
+        hpx_rows: list[dict] = []
+        for record in records:
+            rec = dict(record)
+            if own_key is not None and own_key in rec and own_key != element:
+                if element in rec and rec[element] != rec[own_key]:
+                    raise DataIdError(f"{element} record gives both {own_key}={rec[own_key]!r} and {element}={rec[element]!r}")
+                rec[element] = rec.pop(own_key)
+            row: dict[str, Any] = {}
+            for key in (*required, *implied):
+                if key not in rec:
+                    raise DataIdError(f"{element} record {record!r} is missing {key!r}")
+                row[key] = u.coerce_value(key, rec.pop(key))
+            region = rec.pop("region", None)
+            for name, value in rec.items():
+                spec = fields.get(name)
+                if spec is None:
+                    raise DataIdError(
+                        f"{element} record has unknown field {name!r}; fields: {[own_key, *fields] if own_key else list(fields)}"
+                    )
+                if value is not None:
+                    if spec.type == "float" and isinstance(value, int | float):
+                        value = float(value)
+                    elif spec.type == "int" and hasattr(value, "__index__") and not isinstance(value, bool):
+                        value = int(value)
+                    elif not isinstance(value, spec.python_type):
+                        raise DataIdError(f"{element}.{name} must be {spec.type}, got {value!r}")
+                row[name] = value
+            if spatial_el:
+                if region is None and element in u.elements:
+                    raise DataIdError(f"{element} record {record!r} needs a region")
+                if region is not None:
+                    sky_region = spatial.as_region(region)
+                    row["region"] = json.dumps(sky_region.to_dict())
+                    keys = {k: row[k] for k in required}
+                    hpx_rows.extend({**keys, "pix": int(p)} for p in sky_region.healpix_pixels(u.healpix_nside))
+            elif region is not None:
+                raise DataIdError(f"{element} is not spatial; it takes no region")
+            rows.append(row)
+        return rows, hpx_rows, table, hpx_table
+
+    def query_dimension_records(
+        self,
+        element: str,
+        *,
+        where: str | None = None,
+        bind: Mapping[str, Any] | None = None,
+        data_id: Mapping[str, Any] | None = None,
+    ) -> list[dict[str, Any]]:
+        """Records of a dimension or spatial element, optionally filtered.
+
+        The where expression may use the element's keys and fields (``visit.seeing < 0.8`` or
+        ``seeing < 0.8``, ``instrument = 'SimCam'``).
+        """
+        u = self.universe
+        if element in u.dimensions:
+            table = self.tables.dimensions[element]
+            own_key = u[element].key_name
+        elif element in u.elements:
+            table = self.tables.regions[element]
+            own_key = None
+        else:
+            raise DimensionNameError(
+                f"unknown dimension element {element!r}; known: {', '.join([*u.dimensions, *u.elements])}"
+            )
+        query = sa.select(table)
+        for key, value in (data_id or {}).items():
+            if key not in table.c:
+                raise DataIdError(f"{element} records have no key {key!r}")
+            query = query.where(table.c[key] == u.coerce_value(key, value))
+        if where:
+            query = query.where(self._where.compile_for_table(where, bind, element, table))
+        query = query.order_by(*table.primary_key.columns)
+        with read_connection(self.engine) as conn:
+            rows = conn.execute(query).mappings().all()
+        out = []
+        for row in rows:
+            rec = dict(row)
+            if own_key is not None and own_key != element:
+                rec[own_key] = rec.pop(element)
+            if rec.get("region") is not None:
+                rec["region"] = spatial.as_region(json.loads(rec["region"]))
+            out.append(rec)
+        return out
+
+    def expand_data_id(self, dimensions: Iterable[str], data_id: Mapping[str, Any], *, where: str = "data ID") -> DataId:
+        """Validate a data ID and fill in implied dimensions from the records.
+
+        Raises
+        ------
+        DataIdError
+            Missing, unexpected or wrongly typed keys, or a given implied value that contradicts
+            the records.
+        DimensionRecordNotFoundError
+            A key value has no record (e.g. an unknown visit).
+        """
+        dims = tuple(dimensions)
+        normalized = self.universe.normalize(dims, data_id, where=where)
+        cache_key = (dims, tuple(normalized.items()))
+        cached = self._expanded.get(cache_key)
+        if cached is not None:
+            return dict(cached)
+        u = self.universe
+        required = u.required_closure(dims)
+        implied = u.implied_closure(dims)
+        expanded = {k: normalized[k] for k in required}
+        with read_connection(self.engine) as conn:
+            for name in required:
+                keys = u.required_closure([name])
+                table = self.tables.dimensions[name]
+                cond = sa.and_(*(table.c[k] == expanded[k] for k in keys))
+                row = conn.execute(sa.select(table).where(cond)).mappings().first()
+                if row is None:
+                    raise DimensionRecordNotFoundError(
+                        f"{where}: no {name} record for {{{', '.join(f'{k}: {expanded[k]!r}' for k in keys)}}}; "
+                        f"insert it first (butler register-instrument / insert_dimension_records)"
+                    )
+                for imp in u[name].implies:
+                    expanded.setdefault(imp, row[imp])
+            # implied dimensions of implied dimensions (physical_filter -> band)
+            for name in implied:
+                if name not in expanded:
+                    continue
+                dim = u[name]
+                if not dim.implies:
+                    continue
+                keys = u.required_closure([name])
+                table = self.tables.dimensions[name]
+                cond = sa.and_(*(table.c[k] == expanded[k] for k in keys))
+                row = conn.execute(sa.select(table).where(cond)).mappings().first()
+                if row is None:
+                    raise DimensionRecordNotFoundError(f"{where}: no {name} record for {expanded[name]!r}")
+                for imp in dim.implies:
+                    expanded.setdefault(imp, row[imp])
+        for key in implied:
+            if key in normalized and key in expanded and normalized[key] != expanded[key]:
+                raise DataIdError(
+                    f"{where}: data ID says {key}={normalized[key]!r} but the records say {expanded[key]!r}"
+                )
+        ordered = {k: expanded[k] for k in u.sorted(expanded)}
+        self._expanded[cache_key] = ordered
+        return dict(ordered)
+
+    # ------------------------------------------------------------------ datasets
+    def insert_datasets(self, refs: Sequence[DatasetRef], *, conn: Connection | None = None) -> None:
+        """Record stored datasets (their files are complete) in one transaction.
+
+        Raises
+        ------
+        DatasetExistsError
+            A dataset of the same type and data ID is already in the run; nothing is inserted.
+        CollectionTypeError
+            The run is not a RUN collection.
+        """
+        if not refs:
+            return
+        rows = []
+        now = time.time()
+        for ref in refs:
+            type_id, dt = self._dataset_type_row(ref.dataset_type.name)
+            run = self.get_collection(ref.run)
+            if run.type != "RUN":
+                raise CollectionTypeError(f"datasets go into RUN collections; {ref.run!r} is {run.type}")
+            row = {name: None for name in self.universe.dimensions}
+            row.update(ref.data_id)
+            row.update(
+                id=ref.id,
+                dataset_type_id=type_id,
+                run_id=run.id,
+                data_id_key=data_id_key(ref.data_id, dt.dimensions),
+                path=ref.path,
+                created=now,
+            )
+            rows.append(row)
+        try:
+            if conn is not None:
+                conn.execute(self.tables.dataset.insert(), rows)
+            else:
+                with write_transaction(self.engine) as c:
+                    c.execute(self.tables.dataset.insert(), rows)
+        except sa.exc.IntegrityError as exc:
+            raise self._explain_conflict(refs) from exc
+
+    def _explain_conflict(self, refs: Sequence[DatasetRef]) -> DatasetExistsError:
+        for ref in refs:
+            found = self.find_dataset(ref.dataset_type.name, ref.data_id, [ref.run])
+            if found is not None:
+                return DatasetExistsError(
+                    f"{ref.dataset_type.name} {ref.required_data_id} already exists in run {ref.run!r}; "
+                    "write to a new run, or remove the run first (butler remove-runs)"
+                )
+        return DatasetExistsError(f"a dataset in {refs[0].run!r} conflicts with an existing one (same id?)")
+
+    def remove_datasets(self, refs: Sequence[DatasetRef]) -> None:
+        """Delete dataset rows (the caller removes the files)."""
+        t = self.tables
+        ids = [r.id for r in refs]
+        with write_transaction(self.engine) as conn:
+            conn.execute(t.dataset_tag.delete().where(t.dataset_tag.c.dataset_id.in_(ids)))
+            conn.execute(t.dataset.delete().where(t.dataset.c.id.in_(ids)))
+
+    def associate(self, tag: str, refs: Sequence[DatasetRef]) -> None:
+        """Add datasets to a TAGGED collection (one per dataset type and data ID)."""
+        info = self.get_collection(tag)
+        if info.type != "TAGGED":
+            raise CollectionTypeError(f"collection {tag!r} is {info.type}, not TAGGED")
+        rows = []
+        for ref in refs:
+            type_id, dt = self._dataset_type_row(ref.dataset_type.name)
+            rows.append(
+                {
+                    "collection_id": info.id,
+                    "dataset_id": ref.id,
+                    "dataset_type_id": type_id,
+                    "data_id_key": data_id_key(ref.data_id, dt.dimensions),
+                }
+            )
+        try:
+            with write_transaction(self.engine) as conn:
+                conn.execute(self.tables.dataset_tag.insert(), rows)
+        except sa.exc.IntegrityError as exc:
+            raise DatasetExistsError(f"tagged collection {tag!r} already holds one of these datasets") from exc
+
+    def _dataset_query(
+        self, dataset_type: DatasetType, type_id: int, collections: list[CollectionInfo]
+    ) -> tuple[sa.Select, Any]:
+        """SELECT of matching dataset rows with a ``rank`` column giving the collection order."""
+        t = self.tables
+        d = t.dataset
+        runs = [c for c in collections if c.type == "RUN"]
+        tags = [c for c in collections if c.type == "TAGGED"]
+        rank_of = {c.id: i for i, c in enumerate(collections)}
+        cols = [d, t.collection.c.name.label("run_name")]
+        parts = []
+        if runs:
+            rank = sa.case({c.id: rank_of[c.id] for c in runs}, value=d.c.run_id) if len(runs) > 1 else sa.literal(rank_of[runs[0].id])
+            parts.append(
+                sa.select(*cols, rank.label("rank"))
+                .select_from(d.join(t.collection, t.collection.c.id == d.c.run_id))
+                .where(d.c.dataset_type_id == type_id, d.c.run_id.in_([c.id for c in runs]))
+            )
+        if tags:
+            tag = t.dataset_tag
+            rank = sa.case({c.id: rank_of[c.id] for c in tags}, value=tag.c.collection_id)
+            parts.append(
+                sa.select(*cols, rank.label("rank"))
+                .select_from(
+                    d.join(tag, tag.c.dataset_id == d.c.id).join(t.collection, t.collection.c.id == d.c.run_id)
+                )
+                .where(tag.c.collection_id.in_([c.id for c in tags]), d.c.dataset_type_id == type_id)
+            )
+        return parts, d
+
+    def query_datasets(
+        self,
+        dataset_type: str | DatasetType,
+        collections: str | Sequence[str],
+        *,
+        where: str | None = None,
+        bind: Mapping[str, Any] | None = None,
+        data_id: Mapping[str, Any] | None = None,
+        find_first: bool = True,
+        limit: int | None = None,
+    ) -> list[DatasetRef]:
+        """Datasets of one type in the collections, filtered by data ID and a where expression.
+
+        With ``find_first`` (the default) only the first match along the collection search path is
+        returned for each data ID, as a get would find it.
+        """
+        name = dataset_type if isinstance(dataset_type, str) else dataset_type.name
+        type_id, dt = self._dataset_type_row(name)
+        colls = self.flatten_collections(collections)
+        parts, d = self._dataset_query(dt, type_id, colls)
+        if not parts:
+            return []
+        conditions = []
+        closure = self.universe.full_closure(dt.dimensions)
+        for key, value in (data_id or {}).items():
+            if key not in closure:
+                raise DataIdError(f"{name} has no dimension {key!r}; its dimensions: {list(closure)}")
+            conditions.append(d.c[key] == self.universe.coerce_value(key, value))
+        joins: dict[str, sa.Table] = {}
+        if where:
+            conditions.append(self._where.compile_for_datasets(where, bind, dt, d, joins))
+        rows: list[Any] = []
+        with read_connection(self.engine) as conn:
+            for part in parts:
+                query = part
+                for dim_name, table in joins.items():
+                    keys = self.universe.required_closure([dim_name])
+                    query = query.join_from(d, table, sa.and_(*(table.c[k] == d.c[k] for k in keys)))
+                if conditions:
+                    query = query.where(*conditions)
+                if limit is not None and not find_first and len(parts) == 1:
+                    query = query.limit(limit)
+                rows.extend(conn.execute(query).all())
+        return self._rows_to_refs(rows, dt, find_first, limit)
+
+    def _rows_to_refs(self, rows: list[Any], dt: DatasetType, find_first: bool, limit: int | None) -> list[DatasetRef]:
+        closure = self.universe.full_closure(dt.dimensions)
+        if find_first:
+            best: dict[str, Any] = {}
+            for row in rows:
+                current = best.get(row.data_id_key)
+                if current is None or row.rank < current.rank:
+                    best[row.data_id_key] = row
+            rows = list(best.values())
+        rows.sort(key=lambda r: (r.rank, r.data_id_key))
+        refs = []
+        for row in rows[:limit] if limit is not None else rows:
+            mapping = row._mapping
+            did = {k: mapping[k] for k in closure if mapping[k] is not None}
+            refs.append(DatasetRef(dt, did, row.run_name, row.id, row.path))
+        return refs
+
+    def find_dataset(
+        self, dataset_type: str | DatasetType, data_id: Mapping[str, Any], collections: str | Sequence[str]
+    ) -> DatasetRef | None:
+        """The first dataset along the collection search path with this type and data ID, or None."""
+        name = dataset_type if isinstance(dataset_type, str) else dataset_type.name
+        type_id, dt = self._dataset_type_row(name)
+        normalized = self.universe.normalize(dt.dimensions, data_id, where=name)
+        key = data_id_key(normalized, dt.dimensions)
+        colls = self.flatten_collections(collections)
+        rank = {c.id: i for i, c in enumerate(colls)}
+        d, tag = self.tables.dataset, self.tables.dataset_tag
+        run_ids = [c.id for c in colls if c.type == "RUN"]
+        tag_ids = [c.id for c in colls if c.type == "TAGGED"]
+        candidates: list[tuple[int, Any]] = []
+        with read_connection(self.engine) as conn:
+            if run_ids:
+                # One indexed lookup (the dataset_unique_in_run constraint); the search order is
+                # applied in Python, which keeps the statement's shape constant and cached.
+                rows = conn.execute(
+                    sa.select(d).where(
+                        d.c.dataset_type_id == type_id, d.c.data_id_key == key, d.c.run_id.in_(run_ids)
+                    )
+                ).all()
+                candidates += [(rank[r.run_id], r) for r in rows]
+            if tag_ids:
+                rows = conn.execute(
+                    sa.select(d, tag.c.collection_id)
+                    .select_from(d.join(tag, tag.c.dataset_id == d.c.id))
+                    .where(tag.c.dataset_type_id == type_id, tag.c.data_id_key == key, tag.c.collection_id.in_(tag_ids))
+                ).all()
+                candidates += [(rank[r.collection_id], r) for r in rows]
+        if not candidates:
+            return None
+        _, row = min(candidates, key=lambda item: item[0])
+        ref = self._row_to_ref(row, dt)
+        for implied_key in set(normalized) - set(dt.dimensions):
+            if ref.data_id.get(implied_key) != normalized[implied_key]:
+                raise DataIdError(
+                    f"{name} {ref.required_data_id} has {implied_key}={ref.data_id.get(implied_key)!r}, "
+                    f"not {normalized[implied_key]!r}"
+                )
+        return ref
+
+    def _run_name(self, run_id: int) -> str:
+        for info in self._collections.values():
+            if info.id == run_id:
+                return info.name
+        table = self.tables.collection
+        with read_connection(self.engine) as conn:
+            name = conn.execute(sa.select(table.c.name).where(table.c.id == run_id)).scalar_one()
+        self.get_collection(name)
+        return name
+
+    def _row_to_ref(self, row: Any, dt: DatasetType) -> DatasetRef:
+        mapping = row._mapping
+        did = {k: mapping[k] for k in self.universe.full_closure(dt.dimensions) if mapping[k] is not None}
+        return DatasetRef(dt, did, self._run_name(mapping["run_id"]), mapping["id"], mapping["path"])
+
+    # ------------------------------------------------------------------ data ID queries
+    def query_data_ids(
+        self,
+        dimensions: Iterable[str],
+        *,
+        where: str | None = None,
+        bind: Mapping[str, Any] | None = None,
+        data_id: Mapping[str, Any] | None = None,
+        datasets: str | Sequence[str] | None = None,
+        collections: str | Sequence[str] | None = None,
+    ) -> list[DataId]:
+        """Data IDs of the given dimensions that exist in the registry and satisfy the constraints.
+
+        Observation dimensions (visit, detector) and skymap dimensions (tract, patch) in one query
+        are joined spatially: a HEALPix index prefilter in SQL, then an exact polygon overlap test.
+
+        Parameters
+        ----------
+        dimensions : iterable of str
+            Dimensions of the returned data IDs (their required dimensions are added).
+        where, bind : optional
+            A where expression over any dimension keys and record fields.
+        data_id : mapping, optional
+            Fixed key values.
+        datasets, collections : optional
+            Only data IDs for which these dataset types exist in these collections.
+        """
+        from .data_id_query import DataIdQuery
+
+        return DataIdQuery(self).run(dimensions, where, bind, data_id, datasets, collections)

@@ -1,0 +1,148 @@
+"""The registry's tables, generated from the dimension universe (SQLAlchemy Core)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+
+from ..dimensions import DimensionUniverse
+
+__all__ = ["RegistryTables", "build_tables", "COLLECTION_TYPES", "SCHEMA_VERSION"]
+
+SCHEMA_VERSION = 1
+
+#: Collection type names and their stored codes.
+COLLECTION_TYPES = {"RUN": 1, "TAGGED": 2, "CHAINED": 3}
+
+_SQL_TYPES = {"str": sa.String, "int": sa.BigInteger, "float": sa.Float}
+
+
+def _key_type(universe: DimensionUniverse, name: str) -> sa.types.TypeEngine:
+    return _SQL_TYPES[universe[name].key_type]()
+
+
+@dataclass
+class RegistryTables:
+    """All tables of one registry."""
+
+    metadata: sa.MetaData
+    attributes: sa.Table
+    dimensions: dict[str, sa.Table]
+    regions: dict[str, sa.Table]
+    """Spatial element name -> table of regions (dimension tables hold their own region column)."""
+    hpx: dict[str, sa.Table]
+    """Spatial element name -> HEALPix index table."""
+    dataset_type: sa.Table
+    collection: sa.Table
+    collection_chain: sa.Table
+    dataset: sa.Table
+    dataset_tag: sa.Table
+
+
+def build_tables(universe: DimensionUniverse) -> RegistryTables:
+    """Create the table definitions for a universe (nothing is sent to a database)."""
+    md = sa.MetaData()
+    attributes = sa.Table(
+        "butler_attributes",
+        md,
+        sa.Column("name", sa.String, primary_key=True),
+        sa.Column("value", sa.Text, nullable=False),
+    )
+    dims: dict[str, sa.Table] = {}
+    hpx: dict[str, sa.Table] = {}
+    regions: dict[str, sa.Table] = {}
+    for name in universe.sorted(universe.dimensions):
+        dim = universe[name]
+        required = universe.required_closure([name])
+        cols: list[sa.SchemaItem] = [
+            sa.Column(r, _key_type(universe, r), primary_key=True, autoincrement=False) for r in required
+        ]
+        for implied in dim.implies:
+            cols.append(sa.Column(implied, _key_type(universe, implied), nullable=False))
+        for spec in dim.fields:
+            cols.append(sa.Column(spec.name, _SQL_TYPES[spec.type](), nullable=True))
+        if dim.spatial:
+            cols.append(sa.Column("region", sa.Text, nullable=True))
+        for parent in dim.requires:
+            parent_keys = universe.required_closure([parent])
+            cols.append(sa.ForeignKeyConstraint(list(parent_keys), [f"{parent}.{k}" for k in parent_keys]))
+        for implied in dim.implies:
+            implied_keys = universe.required_closure([implied])
+            cols.append(sa.ForeignKeyConstraint(list(implied_keys), [f"{implied}.{k}" for k in implied_keys]))
+        dims[name] = sa.Table(name, md, *cols)
+        if dim.spatial:
+            hpx[name] = _hpx_table(md, universe, name, required)
+    for element in universe.elements.values():
+        required = universe.required_closure(element.requires)
+        cols = [sa.Column(r, _key_type(universe, r), primary_key=True, autoincrement=False) for r in required]
+        cols.append(sa.Column("region", sa.Text, nullable=False))
+        for parent in element.requires:
+            parent_keys = universe.required_closure([parent])
+            cols.append(sa.ForeignKeyConstraint(list(parent_keys), [f"{parent}.{k}" for k in parent_keys]))
+        regions[element.name] = sa.Table(element.name, md, *cols)
+        hpx[element.name] = _hpx_table(md, universe, element.name, required)
+
+    dataset_type = sa.Table(
+        "dataset_type",
+        md,
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+        sa.Column("name", sa.String, nullable=False, unique=True),
+        sa.Column("dimensions", sa.Text, nullable=False),
+        sa.Column("storage_class", sa.String, nullable=False),
+    )
+    collection = sa.Table(
+        "collection",
+        md,
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+        sa.Column("name", sa.String, nullable=False, unique=True),
+        sa.Column("type", sa.Integer, nullable=False),
+        sa.Column("doc", sa.Text, nullable=True),
+    )
+    collection_chain = sa.Table(
+        "collection_chain",
+        md,
+        sa.Column("parent", sa.Integer, sa.ForeignKey("collection.id", ondelete="CASCADE"), primary_key=True),
+        sa.Column("position", sa.Integer, primary_key=True, autoincrement=False),
+        sa.Column("child", sa.Integer, sa.ForeignKey("collection.id"), nullable=False),
+    )
+    dim_cols = [
+        sa.Column(name, _key_type(universe, name), nullable=True) for name in universe.sorted(universe.dimensions)
+    ]
+    dataset = sa.Table(
+        "dataset",
+        md,
+        sa.Column("id", sa.String(32), primary_key=True),
+        sa.Column("dataset_type_id", sa.Integer, sa.ForeignKey("dataset_type.id"), nullable=False),
+        sa.Column("run_id", sa.Integer, sa.ForeignKey("collection.id", ondelete="CASCADE"), nullable=False),
+        sa.Column("data_id_key", sa.String, nullable=False),
+        *dim_cols,
+        sa.Column("path", sa.String, nullable=True),
+        sa.Column("file_size", sa.BigInteger, nullable=True),
+        sa.Column("created", sa.Float, nullable=False),
+        sa.UniqueConstraint("dataset_type_id", "run_id", "data_id_key", name="dataset_unique_in_run"),
+    )
+    sa.Index("dataset_type_visit", dataset.c.dataset_type_id, dataset.c.visit, dataset.c.detector)
+    sa.Index("dataset_type_patch", dataset.c.dataset_type_id, dataset.c.tract, dataset.c.patch)
+    sa.Index("dataset_run", dataset.c.run_id)
+    dataset_tag = sa.Table(
+        "dataset_tag",
+        md,
+        sa.Column("collection_id", sa.Integer, sa.ForeignKey("collection.id", ondelete="CASCADE"), primary_key=True),
+        sa.Column("dataset_id", sa.String(32), sa.ForeignKey("dataset.id", ondelete="CASCADE"), primary_key=True),
+        sa.Column("dataset_type_id", sa.Integer, nullable=False),
+        sa.Column("data_id_key", sa.String, nullable=False),
+        sa.UniqueConstraint("collection_id", "dataset_type_id", "data_id_key", name="tag_unique"),
+    )
+    return RegistryTables(md, attributes, dims, regions, hpx, dataset_type, collection, collection_chain, dataset, dataset_tag)
+
+
+def _hpx_table(md: sa.MetaData, universe: DimensionUniverse, element: str, keys: tuple[str, ...]) -> sa.Table:
+    cols: list[sa.SchemaItem] = [
+        sa.Column(k, _key_type(universe, k), primary_key=True, autoincrement=False) for k in keys
+    ]
+    cols.append(sa.Column("pix", sa.BigInteger, primary_key=True, autoincrement=False))
+    cols.append(sa.ForeignKeyConstraint(list(keys), [f"{element}.{k}" for k in keys], ondelete="CASCADE"))
+    table = sa.Table(f"{element}_hpx", md, *cols)
+    sa.Index(f"{element}_hpx_pix", table.c.pix)
+    return table

@@ -1,0 +1,155 @@
+"""Registry: dimension records, data IDs, collections, dataset types and data-ID queries."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from butler.errors import (
+    CollectionTypeError,
+    DataIdError,
+    DatasetExistsError,
+    DatasetTypeConflictError,
+    DimensionNameError,
+    DimensionRecordNotFoundError,
+    InvalidQueryError,
+    MissingCollectionError,
+    MissingDatasetTypeError,
+)
+from butler.refs import DatasetRef, DatasetType
+
+from .conftest import INSTRUMENT, N_DETECTORS, N_PATCH, N_VISITS, detector_region, patch_region
+
+
+def test_expand_data_id_fills_implied_dimensions(butler):
+    reg = butler.registry
+    full = reg.expand_data_id(["visit", "detector"], {"instrument": INSTRUMENT, "visit": 101, "detector": 2})
+    assert full == {"instrument": INSTRUMENT, "band": "r", "physical_filter": "r_sim", "visit": 101, "detector": 2}
+    with pytest.raises(DimensionRecordNotFoundError, match="no visit record for .*visit: 999"):
+        reg.expand_data_id(["visit"], {"instrument": INSTRUMENT, "visit": 999})
+    with pytest.raises(DataIdError, match="says band='g' but the records say 'r'"):
+        reg.expand_data_id(["visit"], {"instrument": INSTRUMENT, "visit": 101, "band": "g"})
+    with pytest.raises(DataIdError, match="must be an integer"):
+        reg.expand_data_id(["visit"], {"instrument": INSTRUMENT, "visit": "101"})
+    with pytest.raises(DataIdError, match=r"unexpected data ID key\(s\) \['tract'\]"):
+        reg.expand_data_id(["visit"], {"instrument": INSTRUMENT, "visit": 101, "tract": 0})
+
+
+def test_dimension_records_insert_and_query(butler):
+    recs = butler.query_dimension_records("visit", where="seeing > 0.95")
+    assert [r["id"] for r in recs] == [104, 105]
+    assert recs[0]["physical_filter"] == "g_sim"
+    ra, dec = recs[0]["region"].vertices_radec()
+    assert ra.min() == pytest.approx(150.0 + 0.07 * 4) and dec.max() == pytest.approx(2.0 + 0.03 * 4 + 0.2)
+    assert len(butler.query_dimension_records("detector", instrument=INSTRUMENT)) == N_DETECTORS
+    with pytest.raises(DatasetExistsError, match="already exist"):
+        butler.insert_dimension_records("detector", [{"instrument": INSTRUMENT, "id": 0}])
+    assert butler.insert_dimension_records("detector", [{"instrument": INSTRUMENT, "id": 0}], skip_existing=True) == 0
+    with pytest.raises(DataIdError, match="unknown field 'seeing_arcsec'"):
+        butler.insert_dimension_records("detector", [{"instrument": INSTRUMENT, "id": 9, "seeing_arcsec": 1.0}])
+    with pytest.raises(DimensionNameError, match="unknown dimension element 'exposure'"):
+        butler.query_dimension_records("exposure")
+    with pytest.raises(InvalidQueryError):
+        butler.query_dimension_records("visit", where="sky_level > 3")
+
+
+def test_collections_runs_chains_tags(butler):
+    reg = butler.registry
+    assert reg.register_collection("run2") is True and reg.register_collection("run2") is False
+    butler.set_collection_chain("chain", ["run2", "run1"])
+    assert reg.get_collection_chain("chain") == ["run2", "run1"]
+    assert [c.name for c in reg.flatten_collections("chain")] == ["run2", "run1"]
+    butler.set_collection_chain("outer", ["chain"])
+    with pytest.raises(CollectionTypeError, match="cycle"):
+        reg.set_collection_chain("chain", ["outer"])
+    with pytest.raises(CollectionTypeError, match="already exists as RUN"):
+        reg.register_collection("run2", "CHAINED")
+    with pytest.raises(MissingCollectionError, match="collection 'nope' does not exist; existing collections: .*run1"):
+        reg.get_collection("nope")
+    for bad in ["../x", "/abs", "a//b", "", "a\x00b", "."]:
+        with pytest.raises(CollectionTypeError, match="collection name"):
+            reg.register_collection(bad)
+    assert ("chain", "CHAINED") in butler.query_collections("ch*")
+
+
+def test_dataset_types(butler):
+    assert butler.register_dataset_type("calexp", ["visit", "detector"], "Exposure") is True
+    assert butler.register_dataset_type("calexp", ["instrument", "visit", "detector"], "Exposure") is False
+    assert butler.registry.get_dataset_type("calexp").dimensions == ("instrument", "visit", "detector")
+    with pytest.raises(DatasetTypeConflictError, match="already registered"):
+        butler.register_dataset_type("calexp", ["visit"], "Exposure")
+    with pytest.raises(MissingDatasetTypeError, match="'src' is not registered; registered: calexp"):
+        butler.registry.get_dataset_type("src")
+    with pytest.raises(KeyError):
+        butler.register_dataset_type("x", ["visit"], "NoSuchClass")
+    with pytest.raises(DatasetTypeConflictError, match="invalid dataset type name"):
+        butler.register_dataset_type("bad name", ["visit"], "Exposure")
+
+
+def _brute_force_pairs():
+    pairs = set()
+    for v in range(N_VISITS):
+        for d in range(N_DETECTORS):
+            for j in range(N_PATCH):
+                for i in range(N_PATCH):
+                    if detector_region(v, d).overlaps(patch_region(i, j)):
+                        pairs.add((100 + v, d, j * N_PATCH + i))
+    return pairs
+
+
+def test_spatial_join_matches_brute_force(butler):
+    expected = _brute_force_pairs()
+    assert 0 < len(expected) < N_VISITS * N_DETECTORS * N_PATCH**2
+    got = butler.query_data_ids(["visit", "detector", "patch"])
+    assert {(d["visit"], d["detector"], d["patch"]) for d in got} == expected
+    one = butler.query_data_ids(["patch"], where="visit = 103 AND detector = 2")
+    assert {d["patch"] for d in one} == {p for v, det, p in expected if (v, det) == (103, 2)}
+    reverse = butler.query_data_ids(["visit", "detector"], where="patch = 5 AND tract = 0 AND skymap = 'sky'")
+    assert {(d["visit"], d["detector"]) for d in reverse} == {(v, det) for v, det, p in expected if p == 5}
+
+
+def test_query_data_ids_with_records_and_implied(butler):
+    got = butler.query_data_ids(["visit", "detector"], where="band = 'r' AND visit.seeing < 1.0 AND detector IN (0..1)")
+    assert {(d["visit"], d["detector"]) for d in got} == {(101, 0), (101, 1), (103, 0), (103, 1)}
+    assert len(butler.query_data_ids(["visit", "detector"])) == N_VISITS * N_DETECTORS
+    assert butler.query_data_ids(["visit"], where="visit > :v", bind={"v": 103}) == [
+        {"instrument": INSTRUMENT, "visit": v} for v in (104, 105)
+    ]
+    with pytest.raises(InvalidQueryError, match="seeingg"):
+        butler.query_data_ids(["visit"], where="visit.seeingg < 1")
+
+
+def test_batch_overlaps_agree_with_spherical_geometry():
+    from butler.regions import SkyRegion, overlapping_pairs
+
+    rng = np.random.default_rng(3)
+    first, second, expected = [], [], []
+    for _ in range(300):
+        ra0, dec0 = rng.uniform(0, 360), rng.uniform(-80, 80)
+        w1, h1, w2, h2 = rng.uniform(0.05, 0.5, 4)
+        dra, ddec = rng.normal(0, 0.4, 2)
+        r1 = SkyRegion.from_radec([ra0, ra0 + w1, ra0 + w1, ra0], [dec0, dec0, dec0 + h1, dec0 + h1])
+        r2 = SkyRegion.from_radec(
+            [ra0 + dra, ra0 + dra + w2, ra0 + dra + w2 / 2], [dec0 + ddec, dec0 + ddec, dec0 + ddec + h2]
+        )
+        first.append(r1)
+        second.append(r2)
+        expected.append(bool(r1.polygon.intersects_poly(r2.polygon)))  # the library, independently
+    got = overlapping_pairs(first, second)
+    assert 30 < sum(expected) < 270  # both outcomes are exercised
+    assert list(got) == expected
+    assert list(got) == [a.overlaps(b) for a, b in zip(first, second)]
+
+
+def test_insert_datasets_rejects_duplicates_atomically(butler):
+    reg = butler.registry
+    butler.register_dataset_type("flag", ["visit", "detector"], "StructuredDataDict")
+    dt = reg.get_dataset_type("flag")
+    reg.register_collection("run1")
+    did = {"instrument": INSTRUMENT, "visit": 100, "detector": 0}
+    reg.insert_datasets([DatasetRef(dt, did, "run1", path="a")])
+    other = {"instrument": INSTRUMENT, "visit": 100, "detector": 1}
+    with pytest.raises(DatasetExistsError, match="already exists in run 'run1'"):
+        reg.insert_datasets([DatasetRef(dt, other, "run1", path="b"), DatasetRef(dt, did, "run1", path="c")])
+    assert reg.find_dataset("flag", other, ["run1"]) is None  # the batch was rolled back
+    assert isinstance(dt, DatasetType)
