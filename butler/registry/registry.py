@@ -423,6 +423,7 @@ class Registry:
                     raise DataIdError(f"{element} record {record!r} is missing {key!r}")
                 row[key] = u.coerce_value(key, rec.pop(key))
             region = rec.pop("region", None)
+            row.update(dict.fromkeys(fields))  # every row has every column, for executemany
             for name, value in rec.items():
                 spec = fields.get(name)
                 if spec is None:
@@ -440,6 +441,7 @@ class Registry:
             if spatial_el:
                 if region is None and element in u.elements:
                     raise DataIdError(f"{element} record {record!r} needs a region")
+                row["region"] = None
                 if region is not None:
                     sky_region = spatial.as_region(region)
                     row["region"] = json.dumps(sky_region.to_dict())

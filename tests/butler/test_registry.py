@@ -153,3 +153,22 @@ def test_insert_datasets_rejects_duplicates_atomically(butler):
         reg.insert_datasets([DatasetRef(dt, other, "run1", path="b"), DatasetRef(dt, did, "run1", path="c")])
     assert reg.find_dataset("flag", other, ["run1"]) is None  # the batch was rolled back
     assert isinstance(dt, DatasetType)
+
+
+def test_records_with_different_optional_fields_insert_together(butler):
+    from butler.regions import SkyRegion
+
+    region = SkyRegion.from_radec([10, 10.1, 10.1, 10], [0, 0, 0.1, 0.1])
+    butler.insert_dimension_records(
+        "visit",
+        [
+            {"instrument": INSTRUMENT, "id": 900, "physical_filter": "g_sim", "seeing": 0.9, "region": region},
+            {"instrument": INSTRUMENT, "id": 901, "physical_filter": "g_sim"},
+        ],
+    )
+    recs = {r["id"]: r for r in butler.query_dimension_records("visit", where="visit >= 900")}
+    assert recs[900]["seeing"] == 0.9 and recs[901]["seeing"] is None and recs[901]["region"] is None
+    assert butler.query_data_ids(["visit"], where="visit >= 900 AND band = 'g'") == [
+        {"instrument": INSTRUMENT, "visit": 900},
+        {"instrument": INSTRUMENT, "visit": 901},
+    ]
