@@ -200,7 +200,7 @@ class Butler:
         """Store an object as a dataset; returns its ref.
 
         The file is written completely (atomically) before the registry row is committed; if the
-        registry insert fails the file is removed again.
+        registry insert fails (e.g. the dataset already exists) the new file is removed again.
 
         Raises
         ------
@@ -215,11 +215,8 @@ class Butler:
         dt = self.registry.get_dataset_type(name)
         full_id = self.registry.expand_data_id(dt.dimensions, self._merge(data_id, kwargs), where=name)
         self.registry.register_collection(run, "RUN")
-        if self.registry.find_dataset(dt, full_id, [run]) is not None:
-            raise DatasetExistsError(
-                f"{name} {{{', '.join(f'{k}: {full_id[k]!r}' for k in dt.dimensions)}}} already exists in run "
-                f"{run!r}; write to a new run, or remove the run first (butler remove-runs)"
-            )
+        # No existence check first: file names are unique per dataset id, so a conflicting put
+        # cannot touch the existing file, and the registry's unique constraint rejects the row.
         ref = DatasetRef(dt, full_id, run)
         rel, _ = self.datastore.put(obj, ref)
         stored = DatasetRef(dt, full_id, run, ref.id, rel)

@@ -2,7 +2,7 @@
 
 Paths are built from the run, the dataset type and the data ID::
 
-    {run}/{dataset_type}/{first key values...}/{dataset_type}_{all key values}.{ext}
+    {run}/{dataset_type}/{first key values...}/{dataset_type}_{all key values}_{id prefix}.{ext}
 
 Every value that goes into a path is validated (no separators, no ``..``, no NUL).  Writes are
 atomic (written aside, synced, renamed into place by the formatter), and the registry row is
@@ -211,25 +211,19 @@ class FileDatastore:
                 raise DataIdError(f"data ID value {text!r} ({key}) cannot be used in a file path")
             values.append(text.replace(" ", "_"))
         fmt = formatter or self.formatter_for(ref.dataset_type.storage_class)
-        stem = "_".join([ref.dataset_type.name, *values]) if values else ref.dataset_type.name
+        # The dataset id ends the name, so two puts of one data ID never write the same file.
+        stem = "_".join([ref.dataset_type.name, *values, ref.id[:12]])
         dirs = [ref.run, ref.dataset_type.name, *values[:-1]]
         return "/".join([*dirs, stem + _EXTENSIONS[fmt]])
 
     def put(self, obj: Any, ref: DatasetRef) -> tuple[str, int]:
-        """Write a dataset's file atomically; returns the relative path and its size in bytes.
-
-        A file already at the path that the registry does not know (left by a process killed
-        between the write and the registry commit) is replaced.
-        """
+        """Write a dataset's file atomically; returns the relative path and its size in bytes."""
         sc = storage_class(ref.dataset_type.storage_class)
         _check_type(obj, sc, f"put of {ref.dataset_type.name}")
         fmt = self.formatter_for(sc.name)
         rel = self.path_for(ref, fmt)
         target = self.root / rel
         target.parent.mkdir(parents=True, exist_ok=True)
-        if target.exists():
-            _log.warning("replacing %s, a file with no registry entry (an interrupted earlier put)", rel)
-            self._remove_path(target)
         try:
             _write(fmt, obj, sc, target)
         except BaseException:

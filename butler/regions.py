@@ -84,33 +84,92 @@ def _separated(normals: NDArray[np.float64], xyz: NDArray[np.float64]) -> bool |
     return np.any(np.all(side < EDGE_TOLERANCE, axis=-1), axis=-1)
 
 
-def overlapping_pairs(first: Sequence[SkyRegion], second: Sequence[SkyRegion]) -> NDArray[np.bool_]:
-    """``first[i].overlaps(second[i])`` for many pairs at once.
+class RegionBatch:
+    """Geometry of many convex-or-not regions, built at once, for vectorized overlap tests.
 
-    Pairs of convex regions with the same vertex counts are decided together by one vectorized
-    separating-edge test (the registry's spatial joins check thousands of pairs per query);
-    other pairs fall back to :meth:`SkyRegion.overlaps`.
+    The registry's spatial joins test tens of thousands of candidate pairs over thousands of
+    regions; building a :class:`SkyRegion` costs ~0.3 ms of numpy overhead on tiny arrays, so the
+    geometry here (unit vectors, inward edge normals, bounding circles, convexity) is computed
+    for all regions with the same vertex count in one pass.  Semantics match
+    :meth:`SkyRegion.overlaps`; pairs that are not both convex (or not within one hemisphere)
+    are decided by it.
+
+    Parameters
+    ----------
+    vertices : sequence of (n_i, 2) arrays
+        ``[ra_deg, dec_deg]`` vertices of each region, validated before (e.g. by SkyRegion).
     """
-    if len(first) != len(second):
-        raise ValueError("overlapping_pairs needs two sequences of the same length")
-    out = np.zeros(len(first), dtype=bool)
-    groups: dict[tuple[int, int], list[int]] = {}
-    for i, (a, b) in enumerate(zip(first, second, strict=True)):
-        reach = a._radius_rad + b._radius_rad
-        cos_sep = float(a._center_xyz @ b._center_xyz)
-        if reach < math.pi and cos_sep < math.cos(reach) - 1e-12:
-            continue  # bounding circles apart
-        if a._convex and b._convex and reach + math.acos(min(1.0, max(-1.0, cos_sep))) < math.pi - 1e-6:
-            groups.setdefault((a.num_vertices, b.num_vertices), []).append(i)
-        else:
-            out[i] = a.overlaps(b)
-    for idx in groups.values():
-        na = np.stack([first[i]._normals for i in idx])
-        xa = np.stack([first[i]._xyz for i in idx])
-        nb = np.stack([second[i]._normals for i in idx])
-        xb = np.stack([second[i]._xyz for i in idx])
-        out[idx] = ~(_separated(na, xb) | _separated(nb, xa))
-    return out
+
+    def __init__(self, vertices: Sequence[NDArray[np.float64]]) -> None:
+        self._vertices = [np.asarray(v, dtype=np.float64) for v in vertices]
+        n = len(self._vertices)
+        self._group = np.zeros(n, dtype=np.int64)
+        self._slot = np.zeros(n, dtype=np.int64)
+        self._center = np.zeros((n, 3))
+        self._radius = np.zeros(n)
+        self._convex = np.zeros(n, dtype=bool)
+        self._xyz: list[NDArray[np.float64]] = []
+        self._normals: list[NDArray[np.float64]] = []
+        by_count: dict[int, list[int]] = {}
+        for i, v in enumerate(self._vertices):
+            by_count.setdefault(len(v), []).append(i)
+        for g, idx in enumerate(by_count.values()):
+            stack = np.stack([self._vertices[i] for i in idx])  # (k, n, 2)
+            ra, dec = np.radians(stack[..., 0]), np.radians(stack[..., 1])
+            xyz = np.stack([np.cos(dec) * np.cos(ra), np.cos(dec) * np.sin(ra), np.sin(dec)], axis=-1)
+            mean = xyz.mean(axis=1)
+            center = mean / np.linalg.norm(mean, axis=1, keepdims=True)
+            radius = np.arccos(np.clip(np.einsum("kni,ki->kn", xyz, center), -1.0, 1.0)).max(axis=1)
+            helper = np.where(np.abs(center[:, 2:3]) < 0.9, [[0.0, 0.0, 1.0]], [[1.0, 0.0, 0.0]])
+            e1 = np.cross(helper, center)
+            e1 /= np.linalg.norm(e1, axis=1, keepdims=True)
+            e2 = np.cross(center, e1)
+            depth = np.einsum("kni,ki->kn", xyz, center)
+            x = np.einsum("kni,ki->kn", xyz, e1) / depth
+            y = np.einsum("kni,ki->kn", xyz, e2) / depth
+            area2 = np.sum(x * np.roll(y, -1, axis=1) - np.roll(x, -1, axis=1) * y, axis=1)
+            orientation = np.where(area2 > 0, 1.0, -1.0)
+            normals = orientation[:, None, None] * np.cross(xyz, np.roll(xyz, -1, axis=1))
+            normals /= np.linalg.norm(normals, axis=2, keepdims=True)
+            convex = np.all(np.einsum("kni,kmi->knm", normals, xyz) >= -_CONVEXITY_TOLERANCE, axis=(1, 2))
+            self._xyz.append(xyz)
+            self._normals.append(normals)
+            self._group[idx] = g
+            self._slot[idx] = np.arange(len(idx))
+            self._center[idx] = center
+            self._radius[idx] = radius
+            self._convex[idx] = convex
+
+    def __len__(self) -> int:
+        return len(self._vertices)
+
+    def region(self, i: int) -> SkyRegion:
+        """Region ``i`` as a :class:`SkyRegion` (for the non-convex fallback)."""
+        return SkyRegion._trusted(self._vertices[i][:, 0], self._vertices[i][:, 1])
+
+    def overlaps(self, other: RegionBatch, first: NDArray[np.int64], second: NDArray[np.int64]) -> NDArray[np.bool_]:
+        """``self[first[k]]`` overlaps ``other[second[k]]`` for every k."""
+        first = np.asarray(first, dtype=np.int64)
+        second = np.asarray(second, dtype=np.int64)
+        out = np.zeros(len(first), dtype=bool)
+        if not len(first):
+            return out
+        reach = self._radius[first] + other._radius[second]
+        cos_sep = np.einsum("ki,ki->k", self._center[first], other._center[second])
+        near = ~((reach < math.pi) & (cos_sep < np.cos(reach) - 1e-12))
+        separation = np.arccos(np.clip(cos_sep, -1.0, 1.0))
+        fast = near & self._convex[first] & other._convex[second] & (reach + separation < math.pi - 1e-6)
+        for k in np.flatnonzero(near & ~fast):
+            out[k] = self.region(int(first[k])).overlaps(other.region(int(second[k])))
+        ga, gb = self._group[first], other._group[second]
+        for a_group in np.unique(ga[fast]):
+            for b_group in np.unique(gb[fast & (ga == a_group)]):
+                sel = np.flatnonzero(fast & (ga == a_group) & (gb == b_group))
+                sa, sb = self._slot[first[sel]], other._slot[second[sel]]
+                na, xa = self._normals[a_group][sa], self._xyz[a_group][sa]
+                nb, xb = other._normals[b_group][sb], other._xyz[b_group][sb]
+                out[sel] = ~(_separated(na, xb) | _separated(nb, xa))
+        return out
 
 
 def _same_point(a: NDArray[np.float64], b: NDArray[np.float64]) -> bool:
@@ -370,8 +429,43 @@ class SkyRegion:
         return cls(ra, dec)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> SkyRegion:
+    def _trusted(cls, ra: NDArray[np.float64], dec: NDArray[np.float64]) -> SkyRegion:
+        """A region from vertices that were validated before (e.g. read back from a registry).
+
+        Skips the simplicity checks and defers the interior point and the spherical_geometry
+        polygon to first use: ~20x cheaper than the validating constructor.
+        """
+        self = cls.__new__(cls)
+        ra = np.mod(np.asarray(ra, dtype=np.float64), 360.0)
+        dec = np.asarray(dec, dtype=np.float64)
+        xyz = _unit_vectors(ra, dec)
+        mean = xyz.mean(axis=0)
+        center = mean / np.linalg.norm(mean)
+        radius = float(np.arccos(np.clip(xyz @ center, -1.0, 1.0)).max())
+        x, y, _, _ = _gnomonic(xyz, center)
+        orientation = 1.0 if float(np.sum(x * np.roll(y, -1) - np.roll(x, -1) * y)) > 0 else -1.0
+        normals = orientation * _cross(xyz, np.roll(xyz, -1, axis=0))
+        normals /= np.sqrt(np.einsum("ij,ij->i", normals, normals))[:, None]
+        convex = bool(np.all(normals @ xyz.T >= -_CONVEXITY_TOLERANCE))
+        for array in (ra, dec, xyz, normals, center):
+            array.flags.writeable = False
+        self._ra, self._dec, self._xyz = ra, dec, xyz
+        self._polygon = None
+        self._inside_xyz = None
+        self._normals, self._convex = normals, convex
+        self._center_xyz, self._radius_rad = center, radius
+        return self
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, trusted: bool = False) -> SkyRegion:
         """Inverse of :meth:`to_dict`.
+
+        Parameters
+        ----------
+        data : mapping
+            ``{"type": "polygon", "vertices": [[ra_deg, dec_deg], ...]}``.
+        trusted : bool
+            The vertices were validated when first stored (registry regions): skip the checks.
 
         Raises
         ------
@@ -397,6 +491,8 @@ class SkyRegion:
             ) from None
         if array.ndim != 2 or array.shape[1] != 2:
             raise DataModelError(f"SkyRegion 'vertices' must be [ra_deg, dec_deg] pairs, got {vertices!r}")
+        if trusted:
+            return cls._trusted(array[:, 0], array[:, 1])
         return cls(array[:, 0], array[:, 1])
 
     # ------------------------------------------------------------------ accessors
@@ -417,12 +513,26 @@ class SkyRegion:
 
     @property
     def polygon(self) -> SphericalPolygon:
-        """The underlying spherical_geometry polygon (do not modify it)."""
+        """The underlying spherical_geometry polygon (do not modify it); built on first use."""
+        if self._polygon is None:
+            inside_ra, inside_dec = _radec(self._inside())
+            # spherical_geometry computes its own inside point when none is given, and for
+            # non-convex polygons that point can fall outside (seen with a 4-vertex polygon with
+            # one reflex vertex), which silently inverts containment: always pass ours.
+            self._polygon = SphericalPolygon.from_radec(self._ra, self._dec, center=(inside_ra, inside_dec))
         return self._polygon
+
+    def _inside(self) -> NDArray[np.float64]:
+        """A unit vector strictly inside the polygon; computed on first use."""
+        if self._inside_xyz is None:
+            inside, _ = _interior_point(self._xyz, self._center_xyz, self._ra, self._dec)
+            inside.flags.writeable = False
+            self._inside_xyz = inside
+        return self._inside_xyz
 
     def area_deg2(self) -> float:
         """Area in square degrees."""
-        return abs(float(self._polygon.area())) * (180.0 / math.pi) ** 2
+        return abs(float(self.polygon.area())) * (180.0 / math.pi) ** 2
 
     def bounding_circle(self) -> tuple[float, float, float]:
         """A circle containing the region: ``(ra_deg, dec_deg, radius_deg)``.
@@ -435,7 +545,7 @@ class SkyRegion:
 
     def interior_point(self) -> tuple[float, float]:
         """A point strictly inside the region, ``(ra_deg, dec_deg)``."""
-        return _radec(self._inside_xyz)
+        return _radec(self._inside())
 
     # ------------------------------------------------------------------ predicates
 
@@ -471,7 +581,7 @@ class SkyRegion:
             inside = np.all(points @ self._normals.T >= 0.0, axis=1)
             return inside & near
         # Non-convex: the library's crossing-number test, one point at a time (slow path).
-        single = next(iter(self._polygon))
+        single = next(iter(self.polygon))
         result = np.zeros(len(points), dtype=bool)
         for k in np.flatnonzero(near):
             result[k] = bool(single.contains_point(points[k]))
@@ -502,11 +612,11 @@ class SkyRegion:
             # polygons are separated by the line through one of their edges, so they are
             # disjoint iff every vertex of one is outside some edge plane of the other.
             return not (_separated(self._normals, other._xyz) or _separated(other._normals, self._xyz))
-        if self._polygon.intersects_poly(other._polygon):
+        if self.polygon.intersects_poly(other.polygon):
             return True
         return bool(
-            self._contains_xyz(other._inside_xyz[None, :])[0]
-            or other._contains_xyz(self._inside_xyz[None, :])[0]
+            self._contains_xyz(other._inside()[None, :])[0]
+            or other._contains_xyz(self._inside()[None, :])[0]
         )
 
     # ------------------------------------------------------------------ HEALPix
@@ -553,7 +663,7 @@ class SkyRegion:
                                        math.degrees(reach + 0.5 * pad) * u.deg, nside, order=order),
                 dtype=np.int64,
             )
-        inside_ra, inside_dec = _radec(self._inside_xyz)
+        inside_ra, inside_dec = _radec(self._inside())
         anchors = np.asarray(
             hp.lonlat_to_healpix(np.append(self._ra, inside_ra) * u.deg,
                                  np.append(self._dec, inside_dec) * u.deg, nside, order=order),

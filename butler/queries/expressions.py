@@ -23,8 +23,9 @@ Semantics (shared by :func:`evaluate` and the SQL compiler)
   arithmetic with ``None`` give ``None``; ``AND``/``OR``/``NOT`` follow SQL's truth tables;
   an expression that ends up ``None`` does not select the row.
 - ``/`` is true division (SQLAlchemy 2 semantics); division by zero gives ``None``, as on
-  SQLite.  ``%`` is meant for integers and truncates toward zero, as in SQL (``-7 % 3`` is
-  ``-1``).
+  SQLite.  ``%`` is meant for integers: as on SQLite, both operands are first truncated toward
+  zero to integers, and the result takes the sign of the dividend (``-7 % 3`` is ``-1``,
+  ``212.5 % 1`` is ``0``).
 - A range ``a..b`` is inclusive; ``a..b:s`` selects ``a, a+s, ...`` up to ``b``; ``b < a``
   is an empty range.
 """
@@ -655,12 +656,13 @@ def _sql_div(a: Any, b: Any) -> Any:
 
 
 def _sql_mod(a: Any, b: Any) -> Any:
+    # SQLite converts both operands of % to integers (truncating toward zero) first:
+    # 212.5 % 1 is 0 there, not 0.5.
+    a, b = int(a), int(b)
     if b == 0:
         return None
-    if isinstance(a, int) and isinstance(b, int):
-        r = abs(a) % abs(b)
-        return -r if a < 0 else r
-    return math.fmod(a, b)
+    r = abs(a) % abs(b)
+    return -r if a < 0 else r
 
 
 _ARITHMETIC: dict[str, Callable[[Any, Any], Any]] = {

@@ -18,8 +18,9 @@ import sqlalchemy as sa
 from ..dimensions import DataId
 from ..errors import DataIdError
 from ..queries import identifiers, parse_cached
-from ..regions import overlapping_pairs
-from . import spatial
+import numpy as np
+
+from ..regions import RegionBatch
 from .database import read_connection
 
 if TYPE_CHECKING:
@@ -109,12 +110,18 @@ class DataIdQuery:
             type_id, _ = self.registry._dataset_type_row(dt.name)
             colls = self.registry.flatten_collections(collections or [])
             run_ids = [c.id for c in colls if c.type == "RUN"]
+            tag_ids = [c.id for c in colls if c.type == "TAGGED"]
             d = self.tables.dataset.alias(f"ds_{dt.name}")
+            in_collections = d.c.run_id.in_(run_ids)
+            if tag_ids:
+                tag = self.tables.dataset_tag
+                tagged = sa.select(tag.c.dataset_id).where(tag.c.collection_id.in_(tag_ids))
+                in_collections = sa.or_(in_collections, d.c.id.in_(tagged))
             from_clause = from_clause.join(
                 d,
                 sa.and_(
                     d.c.dataset_type_id == type_id,
-                    d.c.run_id.in_(run_ids),
+                    in_collections,
                     *(d.c[k] == key_columns[k] for k in dt.dimensions),
                 ),
             )
@@ -127,23 +134,16 @@ class DataIdQuery:
         out_keys = list(requested)
         select_cols = [key_columns[k].label(k) for k in out_keys]
         if spatial_join:
-            obs_region_table = self.tables.regions.get(obs_element) if obs_element in u.elements else self.tables.dimensions[obs_element]
-            sky_region_table = self.tables.dimensions[sky_element]
-            obs_rt = obs_region_table.alias("obs_region")
-            sky_rt = sky_region_table.alias("sky_region")
-            from_clause = from_clause.join(
-                obs_rt, sa.and_(*(obs_rt.c[k] == key_columns[k] for k in obs_keys))
-            ).join(sky_rt, sa.and_(*(sky_rt.c[k] == key_columns[k] for k in sky_keys)))
-            pair_cols = [key_columns[k].label(f"_pair_{k}") for k in (*obs_keys, *sky_keys) if k not in out_keys]
-            select_cols += pair_cols + [obs_rt.c.region.label("_obs_region"), sky_rt.c.region.label("_sky_region")]
+            pair_keys = [k for k in (*obs_keys, *sky_keys) if k not in out_keys]
+            select_cols += [key_columns[k].label(k) for k in pair_keys]
         query = sa.select(*select_cols).select_from(from_clause).where(*conditions).distinct()
         with read_connection(self.registry.engine) as conn:
-            rows = conn.execute(query).all()
+            rows = [dict(r._mapping) for r in conn.execute(query).all()]
         if spatial_join:
-            rows = self._exact_overlaps(rows)
+            rows = self._exact_overlaps(rows, obs_element, obs_keys, sky_element, sky_keys)
         result: dict[tuple, DataId] = {}
         for row in rows:
-            key = tuple(row._mapping[k] for k in out_keys)
+            key = tuple(row[k] for k in out_keys)
             if key not in result:
                 result[key] = dict(zip(out_keys, key, strict=True))
         out = list(result.values())
@@ -157,19 +157,24 @@ class DataIdQuery:
 
         return key_column
 
-    @staticmethod
-    def _exact_overlaps(rows: list[Any]) -> list[Any]:
-        cache: dict[str, Any] = {}
-
-        def region(text: str) -> Any:
-            value = cache.get(text)
-            if value is None:
-                value = cache[text] = spatial.region_from_text(text)
-            return value
-
+    def _exact_overlaps(
+        self,
+        rows: list[dict[str, Any]],
+        obs_element: str,
+        obs_keys: tuple[str, ...],
+        sky_element: str,
+        sky_keys: tuple[str, ...],
+    ) -> list[dict[str, Any]]:
+        """Keep the candidate rows whose two regions really overlap."""
         if not rows:
             return rows
-        keep = overlapping_pairs(
-            [region(r._mapping["_obs_region"]) for r in rows], [region(r._mapping["_sky_region"]) for r in rows]
-        )
+        obs_ids = {tuple(r[k] for k in obs_keys): None for r in rows}
+        sky_ids = {tuple(r[k] for k in sky_keys): None for r in rows}
+        obs_vertices = self.registry.region_vertices(obs_element, list(obs_ids))
+        sky_vertices = self.registry.region_vertices(sky_element, list(sky_ids))
+        obs_index = {key: i for i, key in enumerate(obs_vertices)}
+        sky_index = {key: i for i, key in enumerate(sky_vertices)}
+        first = np.array([obs_index[tuple(r[k] for k in obs_keys)] for r in rows], dtype=np.int64)
+        second = np.array([sky_index[tuple(r[k] for k in sky_keys)] for r in rows], dtype=np.int64)
+        keep = RegionBatch(list(obs_vertices.values())).overlaps(RegionBatch(list(sky_vertices.values())), first, second)
         return [r for r, k in zip(rows, keep, strict=True) if k]

@@ -8,6 +8,7 @@ data IDs) because a put or get is dominated by round trips, not by SQL.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
 import logging
@@ -32,7 +33,6 @@ from ..errors import (
     MissingDatasetTypeError,
 )
 from ..refs import DatasetRef, DatasetType, data_id_key
-from . import spatial
 from .database import insert_or_ignore, make_engine, read_connection, write_transaction
 from .schema import COLLECTION_TYPES, SCHEMA_VERSION, RegistryTables, build_tables
 from .where import WhereCompiler
@@ -78,6 +78,9 @@ class Registry:
         self._dataset_types: dict[str, tuple[int, DatasetType]] = {}
         self._collections: dict[str, CollectionInfo] = {}
         self._expanded: dict[tuple, DataId] = {}
+        self._region_cache: dict[str, dict[tuple, Any]] = {}
+        self._records: dict[str, dict[tuple, dict[str, Any]]] = {}
+        self._record_statements: dict[str, Any] = {}
         self._where = WhereCompiler(self)
 
     # ------------------------------------------------------------------ lifecycle
@@ -443,7 +446,9 @@ class Registry:
                     raise DataIdError(f"{element} record {record!r} needs a region")
                 row["region"] = None
                 if region is not None:
-                    sky_region = spatial.as_region(region)
+                    from .spatial import as_region
+
+                    sky_region = as_region(region)
                     row["region"] = json.dumps(sky_region.to_dict())
                     keys = {k: row[k] for k in required}
                     hpx_rows.extend({**keys, "pix": int(p)} for p in sky_region.healpix_pixels(u.healpix_nside))
@@ -492,9 +497,59 @@ class Registry:
             if own_key is not None and own_key != element:
                 rec[own_key] = rec.pop(element)
             if rec.get("region") is not None:
-                rec["region"] = spatial.as_region(json.loads(rec["region"]))
+                from .spatial import region_from_text
+
+                rec["region"] = region_from_text(rec["region"])
             out.append(rec)
         return out
+
+    def region_vertices(self, element: str, keys: Sequence[tuple]) -> dict[tuple, Any]:
+        """``[ra, dec]`` vertex arrays (degrees) of the regions of a spatial element, by key tuple.
+
+        Regions are immutable once inserted, so they are cached for the life of the registry.
+        Keys without a region are left out.
+        """
+        import numpy as np
+
+        cache = self._region_cache.setdefault(element, {})
+        missing = [k for k in keys if k not in cache]
+        if missing:
+            u = self.universe
+            if element in u.elements:
+                table = self.tables.regions[element]
+                names = u.required_closure(u.elements[element].requires)
+            else:
+                table = self.tables.dimensions[element]
+                names = u.required_closure([element])
+            cols = [table.c[n] for n in names]
+            with read_connection(self.engine) as conn:
+                for start in range(0, len(missing), 500):
+                    chunk = missing[start : start + 500]
+                    cond = sa.tuple_(*cols).in_(chunk) if len(cols) > 1 else cols[0].in_([c[0] for c in chunk])
+                    for row in conn.execute(sa.select(*cols, table.c.region).where(cond)):
+                        if row.region is not None:
+                            vertices = json.loads(row.region)["vertices"]
+                            cache[tuple(row[: len(cols)])] = np.asarray(vertices, dtype=np.float64)
+        return {k: cache[k] for k in keys if k in cache}
+
+    def _dimension_record(self, connection: Any, name: str, key: tuple) -> dict[str, Any] | None:
+        """One dimension record by its key values; records never change, so hits are cached."""
+        cache = self._records.setdefault(name, {})
+        record = cache.get(key)
+        if record is not None:
+            return record
+        statement = self._record_statements.get(name)
+        if statement is None:
+            table = self.tables.dimensions[name]
+            keys = self.universe.required_closure([name])
+            statement = sa.select(table).where(*(table.c[k] == sa.bindparam(f"k_{k}") for k in keys))
+            self._record_statements[name] = statement
+        params = {f"k_{k}": v for k, v in zip(self.universe.required_closure([name]), key, strict=True)}
+        row = connection().execute(statement, params).mappings().first()
+        if row is None:
+            return None
+        record = cache[key] = dict(row)
+        return record
 
     def expand_data_id(self, dimensions: Iterable[str], data_id: Mapping[str, Any], *, where: str = "data ID") -> DataId:
         """Validate a data ID and fill in implied dimensions from the records.
@@ -517,33 +572,27 @@ class Registry:
         required = u.required_closure(dims)
         implied = u.implied_closure(dims)
         expanded = {k: normalized[k] for k in required}
-        with read_connection(self.engine) as conn:
-            for name in required:
+        with contextlib.ExitStack() as stack:
+            conn_holder: list[Connection] = []
+
+            def connection() -> Connection:
+                if not conn_holder:
+                    conn_holder.append(stack.enter_context(read_connection(self.engine)))
+                return conn_holder[0]
+
+            # Required dimensions first, then implied ones in dependency order (physical_filter
+            # before band), each filling in the dimensions it implies.
+            for name in (*required, *(n for n in u.sorted(implied))):
+                if name not in expanded:
+                    continue
                 keys = u.required_closure([name])
-                table = self.tables.dimensions[name]
-                cond = sa.and_(*(table.c[k] == expanded[k] for k in keys))
-                row = conn.execute(sa.select(table).where(cond)).mappings().first()
+                row = self._dimension_record(connection, name, tuple(expanded[k] for k in keys))
                 if row is None:
                     raise DimensionRecordNotFoundError(
                         f"{where}: no {name} record for {{{', '.join(f'{k}: {expanded[k]!r}' for k in keys)}}}; "
                         f"insert it first (butler register-instrument / insert_dimension_records)"
                     )
                 for imp in u[name].implies:
-                    expanded.setdefault(imp, row[imp])
-            # implied dimensions of implied dimensions (physical_filter -> band)
-            for name in implied:
-                if name not in expanded:
-                    continue
-                dim = u[name]
-                if not dim.implies:
-                    continue
-                keys = u.required_closure([name])
-                table = self.tables.dimensions[name]
-                cond = sa.and_(*(table.c[k] == expanded[k] for k in keys))
-                row = conn.execute(sa.select(table).where(cond)).mappings().first()
-                if row is None:
-                    raise DimensionRecordNotFoundError(f"{where}: no {name} record for {expanded[name]!r}")
-                for imp in dim.implies:
                     expanded.setdefault(imp, row[imp])
         for key in implied:
             if key in normalized and key in expanded and normalized[key] != expanded[key]:

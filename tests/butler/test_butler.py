@@ -172,7 +172,7 @@ def test_killed_process_mid_put_leaves_no_visible_dataset(repo):
     assert proc.returncode == 9, proc.stderr
     with Butler(repo, run="killed", collections="killed") as b:
         assert b.find_dataset("calexp", DID) is None
-        # The orphan file is replaced by the next put of the same dataset.
+        # The complete but unregistered file of the killed put does not block a new put.
         b.put(Exposure(np.full((64, 64), 2.0)), "calexp", DID)
         assert float(b.get("calexp", DID).image[0, 0]) == 2.0
 

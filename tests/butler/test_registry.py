@@ -120,7 +120,7 @@ def test_query_data_ids_with_records_and_implied(butler):
 
 
 def test_batch_overlaps_agree_with_spherical_geometry():
-    from butler.regions import SkyRegion, overlapping_pairs
+    from butler.regions import RegionBatch, SkyRegion
 
     rng = np.random.default_rng(3)
     first, second, expected = [], [], []
@@ -135,7 +135,9 @@ def test_batch_overlaps_agree_with_spherical_geometry():
         first.append(r1)
         second.append(r2)
         expected.append(bool(r1.polygon.intersects_poly(r2.polygon)))  # the library, independently
-    got = overlapping_pairs(first, second)
+    verts = lambda regions: [np.stack(r.vertices_radec(), axis=1) for r in regions]  # noqa: E731
+    index = np.arange(len(first))
+    got = RegionBatch(verts(first)).overlaps(RegionBatch(verts(second)), index, index)
     assert 30 < sum(expected) < 270  # both outcomes are exercised
     assert list(got) == expected
     assert list(got) == [a.overlaps(b) for a, b in zip(first, second)]
@@ -172,3 +174,17 @@ def test_records_with_different_optional_fields_insert_together(butler):
         {"instrument": INSTRUMENT, "visit": 900},
         {"instrument": INSTRUMENT, "visit": 901},
     ]
+
+
+def test_data_id_queries_and_finds_see_tagged_collections(butler):
+    butler.register_dataset_type("flag", ["visit", "detector"], "StructuredDataDict")
+    ref = butler.put({"ok": True}, "flag", instrument=INSTRUMENT, visit=102, detector=3)
+    butler.put({"ok": False}, "flag", instrument=INSTRUMENT, visit=103, detector=0)
+    butler.register_collection("best", "TAGGED")
+    butler.registry.associate("best", [ref])
+    got = butler.query_data_ids(["visit", "detector"], datasets="flag", collections="best")
+    assert got == [{"instrument": INSTRUMENT, "visit": 102, "detector": 3}]
+    assert butler.get("flag", instrument=INSTRUMENT, visit=102, detector=3, collections="best") == {"ok": True}
+    assert butler.query_datasets("flag", collections="best") == [ref]
+    with pytest.raises(DatasetExistsError, match="already holds"):
+        butler.registry.associate("best", [ref])
