@@ -683,36 +683,6 @@ class Registry:
         except sa.exc.IntegrityError as exc:
             raise DatasetExistsError(f"tagged collection {tag!r} already holds one of these datasets") from exc
 
-    def _dataset_query(
-        self, dataset_type: DatasetType, type_id: int, collections: list[CollectionInfo]
-    ) -> tuple[sa.Select, Any]:
-        """SELECT of matching dataset rows with a ``rank`` column giving the collection order."""
-        t = self.tables
-        d = t.dataset
-        runs = [c for c in collections if c.type == "RUN"]
-        tags = [c for c in collections if c.type == "TAGGED"]
-        rank_of = {c.id: i for i, c in enumerate(collections)}
-        cols = [d, t.collection.c.name.label("run_name")]
-        parts = []
-        if runs:
-            rank = sa.case({c.id: rank_of[c.id] for c in runs}, value=d.c.run_id) if len(runs) > 1 else sa.literal(rank_of[runs[0].id])
-            parts.append(
-                sa.select(*cols, rank.label("rank"))
-                .select_from(d.join(t.collection, t.collection.c.id == d.c.run_id))
-                .where(d.c.dataset_type_id == type_id, d.c.run_id.in_([c.id for c in runs]))
-            )
-        if tags:
-            tag = t.dataset_tag
-            rank = sa.case({c.id: rank_of[c.id] for c in tags}, value=tag.c.collection_id)
-            parts.append(
-                sa.select(*cols, rank.label("rank"))
-                .select_from(
-                    d.join(tag, tag.c.dataset_id == d.c.id).join(t.collection, t.collection.c.id == d.c.run_id)
-                )
-                .where(tag.c.collection_id.in_([c.id for c in tags]), d.c.dataset_type_id == type_id)
-            )
-        return parts, d
-
     def query_datasets(
         self,
         dataset_type: str | DatasetType,
@@ -727,52 +697,65 @@ class Registry:
         """Datasets of one type in the collections, filtered by data ID and a where expression.
 
         With ``find_first`` (the default) only the first match along the collection search path is
-        returned for each data ID, as a get would find it.
+        returned for each data ID, as a get would find it.  Results are ordered by collection
+        search order, then by data ID.
         """
         name = dataset_type if isinstance(dataset_type, str) else dataset_type.name
         type_id, dt = self._dataset_type_row(name)
         colls = self.flatten_collections(collections)
-        parts, d = self._dataset_query(dt, type_id, colls)
-        if not parts:
-            return []
-        conditions = []
-        closure = self.universe.full_closure(dt.dimensions)
+        rank = {c.id: i for i, c in enumerate(colls)}
+        run_ids = [c.id for c in colls if c.type == "RUN"]
+        tag_ids = [c.id for c in colls if c.type == "TAGGED"]
+        d = self.tables.dataset
+        dims = self.universe.full_closure(dt.dimensions)
+        n_required = len(dt.dimensions)
+        conditions = [d.c.dataset_type_id == type_id]
         for key, value in (data_id or {}).items():
-            if key not in closure:
-                raise DataIdError(f"{name} has no dimension {key!r}; its dimensions: {list(closure)}")
+            if key not in dims:
+                raise DataIdError(f"{name} has no dimension {key!r}; its dimensions: {list(dims)}")
             conditions.append(d.c[key] == self.universe.coerce_value(key, value))
         joins: dict[str, sa.Table] = {}
         if where:
             conditions.append(self._where.compile_for_datasets(where, bind, dt, d, joins))
-        rows: list[Any] = []
-        with read_connection(self.engine) as conn:
-            for part in parts:
-                query = part
-                for dim_name, table in joins.items():
-                    keys = self.universe.required_closure([dim_name])
-                    query = query.join_from(d, table, sa.and_(*(table.c[k] == d.c[k] for k in keys)))
-                if conditions:
-                    query = query.where(*conditions)
-                if limit is not None and not find_first and len(parts) == 1:
-                    query = query.limit(limit)
-                rows.extend(conn.execute(query).all())
-        return self._rows_to_refs(rows, dt, find_first, limit)
+        # Required dimensions first so that row[3 : 3 + n_required] identifies the data ID.
+        ordered_dims = [*dt.dimensions, *(k for k in dims if k not in dt.dimensions)]
+        columns = [d.c.id, d.c.path, *(d.c[k] for k in ordered_dims)]
 
-    def _rows_to_refs(self, rows: list[Any], dt: DatasetType, find_first: bool, limit: int | None) -> list[DatasetRef]:
-        closure = self.universe.full_closure(dt.dimensions)
+        def select(*extra: Any) -> Any:
+            query = sa.select(*columns, *extra).select_from(d)
+            for dim_name, table in joins.items():
+                keys = self.universe.required_closure([dim_name])
+                query = query.join(table, sa.and_(*(table.c[k] == d.c[k] for k in keys)))
+            return query.where(*conditions)
+
+        rows: list[tuple[int, tuple]] = []
+        with read_connection(self.engine) as conn:
+            if run_ids:
+                query = select(d.c.run_id).where(d.c.run_id.in_(run_ids))
+                if limit is not None and not find_first and not tag_ids:
+                    query = query.limit(limit)
+                rows += [(rank[r[-1]], r[-1], tuple(r[:-1])) for r in conn.execute(query)]
+            if tag_ids:
+                tag = self.tables.dataset_tag
+                query = select(d.c.run_id, tag.c.collection_id).join_from(d, tag, tag.c.dataset_id == d.c.id)
+                query = query.where(tag.c.collection_id.in_(tag_ids))
+                rows += [(rank[r[-1]], r[-2], tuple(r[:-2])) for r in conn.execute(query)]
         if find_first:
-            best: dict[str, Any] = {}
-            for row in rows:
-                current = best.get(row.data_id_key)
-                if current is None or row.rank < current.rank:
-                    best[row.data_id_key] = row
+            best: dict[tuple, tuple[int, int, tuple]] = {}
+            for item in rows:
+                key = item[2][2 : 2 + n_required]
+                current = best.get(key)
+                if current is None or item[0] < current[0]:
+                    best[key] = item
             rows = list(best.values())
-        rows.sort(key=lambda r: (r.rank, r.data_id_key))
+        rows.sort(key=lambda item: (item[0], item[2][2 : 2 + n_required]))
+        if limit is not None:
+            rows = rows[:limit]
+        run_names = {run_id: self._run_name(run_id) for run_id in {item[1] for item in rows}}
         refs = []
-        for row in rows[:limit] if limit is not None else rows:
-            mapping = row._mapping
-            did = {k: mapping[k] for k in closure if mapping[k] is not None}
-            refs.append(DatasetRef(dt, did, row.run_name, row.id, row.path))
+        for _, run_id, values in rows:
+            did = {k: v for k, v in zip(ordered_dims, values[2:]) if v is not None}
+            refs.append(DatasetRef(dt, {k: did[k] for k in dims if k in did}, run_names[run_id], values[0], values[1]))
         return refs
 
     def find_dataset(

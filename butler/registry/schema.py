@@ -122,7 +122,9 @@ def build_tables(universe: DimensionUniverse) -> RegistryTables:
         sa.Column("created", sa.Float, nullable=False),
         sa.UniqueConstraint("dataset_type_id", "run_id", "data_id_key", name="dataset_unique_in_run"),
     )
+    # Equality-then-range orders: "detector = 5 AND visit > 100" walks only one detector's rows.
     sa.Index("dataset_type_visit", dataset.c.dataset_type_id, dataset.c.visit, dataset.c.detector)
+    sa.Index("dataset_type_detector", dataset.c.dataset_type_id, dataset.c.detector, dataset.c.visit)
     sa.Index("dataset_type_patch", dataset.c.dataset_type_id, dataset.c.tract, dataset.c.patch)
     sa.Index("dataset_run", dataset.c.run_id)
     dataset_tag = sa.Table(
