@@ -1,0 +1,1 @@
+"""Instrument definitions (as data) for ``butler register-instrument``."""
