@@ -1,8 +1,9 @@
-"""The ``pipetask`` command: ``qgraph`` (build, inspect, save a quantum graph) and ``run``.
+"""The ``pipetask`` command: ``qgraph`` (build, inspect, save a quantum graph), ``run`` and
+``report``.
 
 ``pipetask run`` builds (or loads) the graph and hands it to the executor named by
-:data:`pipeline.run_options.EXECUTOR_ENTRY_POINT`; until the executor exists only ``--dry-run``
-works.  User errors print one line on stderr and exit 1 (2 for usage errors), never a traceback.
+:data:`pipeline.run_options.EXECUTOR_ENTRY_POINT` (:func:`pipeline.execution.execute_graph`);
+``pipetask report -b REPO RUN`` re-reads the execution summaries saved in the repository.  User errors print one line on stderr and exit 1 (2 for usage errors), never a traceback.
 This module imports only click and the error classes at import time, so ``pipetask --help``
 stays fast (no numpy, astropy, dask or zarr).
 """
@@ -64,6 +65,9 @@ def _graph_options(func: Callable[..., Any]) -> Callable[..., Any]:
 def cli(log_level: str) -> None:
     """Build and run pipelines of PipelineTasks over a butler repository."""
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler) and getattr(handler, "stream", None) is sys.stderr:
+            handler.setLevel(log_level.upper())  # task loggers run at INFO (captured into metadata)
 
 
 def _resolve_output_run(butler: Any, output: str | None, output_run: str | None, extend_run: bool) -> str:
@@ -104,8 +108,8 @@ def _obtain_graph(params: dict[str, Any], *, skip_output_run: bool = False) -> t
     with Butler(params["repo"]) as butler:
         output_run = _resolve_output_run(butler, params["output"], params["output_run"], params["extend_run"])
         skip_in = _split_collections(params["skip_existing_in"])
-        if skip_output_run:
-            skip_in.append(output_run)  # --skip-existing: resume a run
+        if skip_output_run:  # --skip-existing = --skip-existing-in OUTPUT (LSST); the run itself too
+            skip_in.extend(c for c in (params["output"], output_run) if c and c not in skip_in)
         graph = build_quantum_graph(
             pipeline,
             butler,
@@ -193,13 +197,26 @@ def qgraph(**params: Any) -> None:
 @click.option("-j", "--processes", default=1, show_default=True, type=click.IntRange(min=1), help="Number of workers.")
 @click.option("--scheduler", default="threads", show_default=True, type=click.Choice(["threads", "processes", "distributed"]), help="Dask scheduler.")
 @click.option("--address", metavar="URL", help="dask.distributed scheduler address (tcp://host:port).")
-@click.option("--skip-existing", is_flag=True, help="Skip quanta whose outputs exist in the output run (resume).")
-@click.option("--retries", default=0, type=click.IntRange(min=0), help="Retries of a failed quantum.")
+@click.option("--local-cluster", type=click.IntRange(min=1), metavar="N", help="Start a local dask.distributed cluster of N worker processes.")
+@click.option("--connect-timeout", default=10.0, show_default=True, type=click.FloatRange(min=0.1), metavar="SECONDS", help="Seconds to wait for the scheduler at --address.")
+@click.option("--skip-existing", is_flag=True, help="Skip quanta that already ran (their metadata exists in the output collection) - resume.")
+@click.option("--retries", default=0, type=click.IntRange(min=0), help="Retries of a failed quantum (never for RepeatableQuantumError).")
 @click.option("--fail-fast", is_flag=True, help="Stop at the first failed quantum.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS", help="Wall-time limit of one quantum attempt.")
+@click.option("--summary", metavar="FILE", help="Also write the run summary (JSON) to FILE.")
+@click.option("--no-progress", is_flag=True, help="No progress display or summary table.")
 def run(**params: Any) -> None:
-    """Build (or load) a quantum graph and execute it (only --dry-run until the executor lands)."""
+    """Build (or load) a quantum graph and execute it on Dask."""
+    import os
+
     from .run_options import EXECUTOR_ENTRY_POINT, RunOptions
 
+    if params["scheduler"] != "distributed" and (params["address"] or params["local_cluster"]):
+        if params["scheduler"] != "threads":
+            raise click.UsageError("--address and --local-cluster need --scheduler distributed")
+        params["scheduler"] = "distributed"  # --address/--local-cluster imply the distributed scheduler
+    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS"):
+        os.environ.setdefault(name, "1")  # before numpy loads: one BLAS thread per worker thread
     graph, pipeline = _obtain_graph(params, skip_output_run=params["skip_existing"])
     _report(graph, params, pipeline)
     if params["dry_run"]:
@@ -229,10 +246,54 @@ def run(**params: Any) -> None:
         clobber_outputs=params["clobber_outputs"],
         retries=params["retries"],
         fail_fast=params["fail_fast"],
+        timeout=params["timeout"],
+        local_cluster=params["local_cluster"],
+        connect_timeout=params["connect_timeout"],
+        summary=params["summary"],
+        progress=not params["no_progress"],
     )
     code = execute(graph, params["repo"], options)
     if code:
         raise click.exceptions.Exit(code)
+
+
+@cli.command()
+@click.option("-b", "--butler-config", "repo", required=True, metavar="REPO", help="Butler repository folder.")
+@click.argument("collection")
+@click.option("--json", "as_json", is_flag=True, help="Print the merged summary as JSON.")
+@click.option("--tracebacks", is_flag=True, help="Print the traceback of each failure.")
+def report(repo: str, collection: str, as_json: bool, tracebacks: bool) -> None:
+    """Re-read the execution summary of a run (or output chain) from the repository."""
+    import json
+
+    from .execution import load_report
+
+    data = load_report(repo, collection)
+    if as_json:
+        click.echo(json.dumps(data, indent=1, default=str))
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        console = Console()
+        table = Table(title=f"{collection} ({len(data['executions'])} execution(s))", title_justify="left")
+        table.add_column("task")
+        columns = ("quanta", "succeeded", "no_work", "failed", "blocked", "cancelled")
+        for column in columns:
+            table.add_column(column.replace("_", " "), justify="right")
+        for label, row in data["tasks"].items():
+            table.add_row(label, *[str(row.get(c, 0)) for c in columns])
+        console.print(table)
+        for item in data["failures"]:
+            short = (item.get("error_type") or "").rpartition(".")[2]
+            console.print(f"FAILED {item['task']} {{{item['data_id_text']}}}: {short}: {item.get('error')}", highlight=False, markup=False)
+            if tracebacks and item.get("traceback"):
+                console.print(item["traceback"], highlight=False, markup=False)
+        if data["blocked"]:
+            console.print(f"BLOCKED: {len(data['blocked'])} quanta downstream of failures", highlight=False, markup=False)
+        console.print("all succeeded" if data["succeeded"] else "NOT all succeeded", highlight=False, markup=False)
+    if data["exit_code"]:
+        raise click.exceptions.Exit(data["exit_code"])
 
 
 def _print_dry_run(graph: Any, per_task: int = 20) -> None:
@@ -256,13 +317,18 @@ def _one_line(exc: BaseException) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``pipetask`` console script; returns the exit code."""
     try:
-        cli.main(args=list(argv) if argv is not None else None, prog_name="pipetask", standalone_mode=False)
+        result = cli.main(args=list(argv) if argv is not None else None, prog_name="pipetask", standalone_mode=False)
+        if isinstance(result, int) and not isinstance(result, bool):
+            return result  # click returns (not raises) Exit codes when standalone_mode is off
     except click.exceptions.Exit as exc:
         return exc.exit_code
     except click.ClickException as exc:
         exc.show()
         return exc.exit_code
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as exc:
+        if isinstance(exc.__cause__, KeyboardInterrupt):  # click turns Ctrl-C into Abort
+            click.echo("pipetask: interrupted", err=True)
+            return 130
         click.echo("pipetask: aborted", err=True)
         return 1
     except (PipelineError, ButlerError) as exc:

@@ -34,7 +34,7 @@ from .errors import (
     PrerequisiteMissingError,
 )
 from .graph import Quantum, QuantumGraph, task_info
-from .pipeline import Pipeline, TaskDef
+from .pipeline import METADATA_CONNECTION, Pipeline, TaskDef
 from .pipeline_graph import DatasetFlow, analyze_pipeline
 
 __all__ = ["QuantumGraphBuilder", "build_quantum_graph", "BuildReport"]
@@ -448,9 +448,13 @@ class QuantumGraphBuilder:
                 inputs = {n: list(refs) for n, (_c, refs) in adjusted_in.items()}
             # Outputs: skip when all exist in skip_existing_in; otherwise predict (and check the run).
             out_keys = [(n, s, tuple(qdata_id[k] for k in s.dimensions), closure) for n, _c, s, closure in outputs]
-            if skip_refs is not None and out_keys and all(key in skip_refs[s.name] for _n, s, key, _cl in out_keys):
+            # LSST: a quantum whose metadata dataset exists has run (it is written last); without
+            # metadata, all outputs must exist.  Outputs it did not write (NoWorkFound) stay missing.
+            done_keys = [(s, key) for n, s, key, _cl in out_keys if n == METADATA_CONNECTION] or [(s, key) for _n, s, key, _cl in out_keys]
+            if skip_refs is not None and done_keys and all(key in skip_refs[s.name] for s, key in done_keys):
                 for _n, s, key, _cl in out_keys:
-                    predicted_here[s.name][key] = skip_refs[s.name][key]
+                    if key in skip_refs[s.name]:
+                        predicted_here[s.name][key] = skip_refs[s.name][key]
                 skipped += 1
                 continue
             replaces = []
@@ -544,8 +548,9 @@ def build_quantum_graph(
     data_id : mapping, optional
         Fixed data ID values (e.g. one quantum for tests).
     skip_existing_in : sequence of str
-        Collections in which quanta whose outputs all exist are skipped (their outputs are then
-        used as existing inputs downstream).
+        Collections in which quanta that already ran are skipped: their ``{label}_metadata``
+        dataset exists (all their outputs, for tasks without metadata).  Their existing outputs
+        are used as inputs downstream.
     clobber_outputs : bool
         Outputs already in ``output_run`` are replaced (listed in ``Quantum.replaces``) instead of
         being an error.

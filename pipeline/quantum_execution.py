@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 import traceback
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,6 +73,7 @@ def execute_quantum(
     *,
     task: Any = None,
     raise_errors: bool = False,
+    extra_metadata: Callable[[], Mapping[str, Any]] | None = None,
 ) -> QuantumResult:
     """Run one quantum through ``runQuantum`` with a context restricted to its refs.
 
@@ -87,6 +88,9 @@ def execute_quantum(
         A task already built (with init-inputs) to reuse; built here otherwise.
     raise_errors : bool
         Re-raise task exceptions (debugging) instead of returning a failed result.
+    extra_metadata : callable, optional
+        Called just before the metadata dataset is written; its mapping is merged into the
+        metadata's ``quantum`` section (the executor adds host, attempts, log records, ...).
     """
     start = time.perf_counter()
     context = ButlerQuantumContext(io, quantum, task_def.connections)
@@ -115,6 +119,8 @@ def execute_quantum(
         metadata_refs = quantum.outputs.get(METADATA_CONNECTION)
         if metadata_refs:
             metadata = {"quantum": {"id": quantum.id, "status": result.status, "seconds": result.seconds}}
+            if extra_metadata is not None:
+                metadata["quantum"].update(extra_metadata())
             metadata.update(task.getFullMetadata())
             context.put(_plain(metadata), metadata_refs[0])
     result.outputs = list(context.outputs_written)

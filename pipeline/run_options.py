@@ -7,8 +7,7 @@ from dataclasses import dataclass, field
 __all__ = ["RunOptions", "EXECUTOR_ENTRY_POINT"]
 
 #: ``module:function`` that executes a quantum graph: ``f(graph, butler_root, options) -> int``
-#: (the process exit code).  Provided by the executor (next issue); until then ``pipetask run``
-#: only supports ``--dry-run``.
+#: (the process exit code).
 EXECUTOR_ENTRY_POINT = "pipeline.execution:execute_graph"
 
 
@@ -41,6 +40,16 @@ class RunOptions:
         Stop at the first failure.
     register_dataset_types : bool
         Register the graph's dataset types that are missing (LSST's option of that name).
+    timeout : float or None
+        ``--timeout``: wall seconds per quantum attempt.
+    local_cluster : int or None
+        ``--local-cluster N``: start a local dask.distributed cluster of N worker processes.
+    connect_timeout : float
+        Seconds to wait for the scheduler at ``address``.
+    summary : str or None
+        ``--summary FILE``: write the run summary as JSON there (it is always saved in the run).
+    progress : bool
+        Show the rich progress display and the summary table (the CLI's choice).
     """
 
     processes: int = 1
@@ -55,3 +64,8 @@ class RunOptions:
     retries: int = 0
     fail_fast: bool = False
     register_dataset_types: bool = True
+    timeout: float | None = None
+    local_cluster: int | None = None
+    connect_timeout: float = 10.0
+    summary: str | None = None
+    progress: bool = False
