@@ -81,8 +81,9 @@ class Butler:
             self.config: dict[str, Any] = yaml.safe_load(stream) or {}
         db = self.config.get("registry", {}).get("db", _DEFAULT_DB)
         db_target = db if "://" in db else str(self.root / db)
-        self.registry = Registry.open(db_target)
-        self.datastore = FileDatastore(self.root, self.config.get("datastore", {}).get("formatters"))
+        durability = self.config.get("durability", "process")
+        self.datastore = FileDatastore(self.root, self.config.get("datastore", {}).get("formatters"), durability)
+        self.registry = Registry.open(db_target, synchronous="FULL" if durability == "power" else "NORMAL")
         self.run = run
         if run is not None:
             self.registry.register_collection(run, "RUN")
@@ -99,6 +100,7 @@ class Butler:
         universe: DimensionUniverse | None = None,
         db: str | None = None,
         formatters: Mapping[str, str] | None = None,
+        durability: str = "process",
         exist_ok: bool = False,
     ) -> Path:
         """Create a new repository folder and its registry.
@@ -111,6 +113,11 @@ class Butler:
             Registry location: an SQLAlchemy URL; default an SQLite file in the folder.
         formatters : mapping, optional
             Storage class -> formatter overrides, e.g. ``{"Exposure": "fits"}``.
+        durability : {"process", "power"}
+            ``"process"`` (default): a put is all-or-nothing whatever happens to the writing
+            process. ``"power"``: files, their directories and registry commits are also synced
+            to disk, so completed puts survive an OS crash or power loss (~5 ms more per put
+            on this kind of disk).
         exist_ok : bool
             Return quietly if a repository already exists there.
         """
@@ -121,11 +128,15 @@ class Butler:
             raise ButlerError(f"{root} is already a butler repository")
         if root.exists() and any(root.iterdir()):
             raise ButlerError(f"{root} exists and is not empty; choose a new folder")
-        FileDatastore(root, formatters)  # validate the overrides before creating anything
+        FileDatastore(root, formatters, durability)  # validate the settings before creating anything
         root.mkdir(parents=True, exist_ok=True)
         db_name = db or _DEFAULT_DB
         Registry.create(db_name if "://" in db_name else str(root / db_name), universe or default_universe()).close()
-        config = {"registry": {"db": db_name}, "datastore": {"formatters": dict(formatters or {})}}
+        config = {
+            "registry": {"db": db_name},
+            "datastore": {"formatters": dict(formatters or {})},
+            "durability": durability,
+        }
         tmp = root / f".{CONFIG_NAME}.tmp"
         tmp.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
         tmp.replace(root / CONFIG_NAME)

@@ -89,11 +89,18 @@ def cli() -> None:
 @click.option("--exposure-format", type=click.Choice(["zarr", "fits"]), default="zarr", show_default=True,
               help="File format of Exposure datasets.")
 @click.option("--db", default=None, help="Registry database URL (default: SQLite file in the repository).")
-def create(repo: str, exposure_format: str, db: str | None) -> None:
+@click.option("--durability", type=click.Choice(["process", "power"]), default="process", show_default=True,
+              help="'power' also syncs every file and commit to disk (survives power loss; slower puts).")
+def create(repo: str, exposure_format: str, db: str | None, durability: str) -> None:
     """Create an empty repository at REPO."""
     from .butler import Butler
 
-    Butler.create(repo, db=db, formatters={"Exposure": exposure_format} if exposure_format != "zarr" else None)
+    Butler.create(
+        repo,
+        db=db,
+        formatters={"Exposure": exposure_format} if exposure_format != "zarr" else None,
+        durability=durability,
+    )
     click.echo(f"created repository {repo}")
 
 

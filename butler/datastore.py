@@ -23,7 +23,14 @@ from typing import Any
 from .errors import CollectionTypeError, DataIdError, FormatError, UnknownStorageClassError
 from .refs import DatasetRef
 
-__all__ = ["StorageClass", "STORAGE_CLASSES", "FileDatastore", "validate_run_name", "formatter_for_path"]
+__all__ = [
+    "DURABILITY_LEVELS",
+    "StorageClass",
+    "STORAGE_CLASSES",
+    "FileDatastore",
+    "validate_run_name",
+    "formatter_for_path",
+]
 
 _log = logging.getLogger(__name__)
 
@@ -82,6 +89,9 @@ STORAGE_CLASSES: Mapping[str, StorageClass] = {
     ]
 }
 
+#: Durability levels of a repository (see :class:`FileDatastore`).
+DURABILITY_LEVELS = ("process", "power")
+
 _EXTENSIONS = {"zarr": ".zarr", "fits": ".fits", "parquet": ".parquet", "json": ".json", "yaml": ".yaml"}
 
 
@@ -113,28 +123,28 @@ def formatter_for_path(path: str | Path) -> str:
     raise FormatError(f"{path}: no formatter reads files ending in {suffix!r}")
 
 
-def _write(formatter: str, obj: Any, sc: StorageClass, path: Path) -> None:
+def _write(formatter: str, obj: Any, sc: StorageClass, path: Path, fsync: bool) -> None:
     if formatter == "zarr":
         from .formats.zarr_exposure import write_exposure_zarr
 
-        write_exposure_zarr(obj, path)
+        write_exposure_zarr(obj, path, fsync=fsync)
     elif formatter == "fits":
         from .formats.fits_exposure import write_exposure_fits
 
-        write_exposure_fits(obj, path)
+        write_exposure_fits(obj, path, fsync=fsync)
     elif formatter == "parquet":
         from .formats.parquet_catalog import write_catalog_parquet
 
-        write_catalog_parquet(obj, path)
+        write_catalog_parquet(obj, path, fsync=fsync)
     elif formatter == "json":
         from .formats.json_io import write_json
 
         data = obj.to_dict() if sc.name in ("SkyMap", "Psf") else obj
-        write_json(data, path)
+        write_json(data, path, fsync=fsync)
     elif formatter == "yaml":
         from .formats.json_io import write_yaml
 
-        write_yaml(obj, path)
+        write_yaml(obj, path, fsync=fsync)
     else:  # pragma: no cover - guarded by the storage class table
         raise FormatError(f"unknown formatter {formatter!r}")
 
@@ -186,10 +196,19 @@ class FileDatastore:
         Repository root.
     formatters : mapping of str to str, optional
         Storage class name -> formatter name overriding the defaults (``{"Exposure": "fits"}``).
+    durability : {"process", "power"}
+        ``"process"``: files appear complete or not at all, whatever happens to the writing
+        process (written aside, renamed into place). ``"power"``: also fsync each file and its
+        directory, so that a completed put survives an operating-system crash or power loss.
     """
 
-    def __init__(self, root: Path, formatters: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self, root: Path, formatters: Mapping[str, str] | None = None, durability: str = "process"
+    ) -> None:
+        if durability not in DURABILITY_LEVELS:
+            raise FormatError(f"unknown durability {durability!r}; choose one of {DURABILITY_LEVELS}")
         self.root = Path(root)
+        self.fsync = durability == "power"
         self.formatters: dict[str, str] = {}
         for sc_name, formatter in (formatters or {}).items():
             sc = storage_class(sc_name)
@@ -225,7 +244,7 @@ class FileDatastore:
         target = self.root / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         try:
-            _write(fmt, obj, sc, target)
+            _write(fmt, obj, sc, target, self.fsync)
         except BaseException:
             # The registry does not know this path yet, so nothing else can refer to it.
             self._remove_path(target)
@@ -268,8 +287,9 @@ class FileDatastore:
         try:
             if transfer == "copy":
                 shutil.copyfile(source, tmp)
-                with open(tmp, "rb") as stream:
-                    os.fsync(stream.fileno())
+                if self.fsync:
+                    with open(tmp, "rb") as stream:
+                        os.fsync(stream.fileno())
             elif transfer == "move":
                 shutil.move(str(source), tmp)
             elif transfer == "symlink":

@@ -120,7 +120,12 @@ def _dumps(obj: Any, where: str, indent: int | None) -> bytes:
 
 # --------------------------------------------------------------------------- files
 def write_json(
-    obj_dict: Any, path: str | os.PathLike[str], *, overwrite: bool = False, indent: int | None = 2
+    obj_dict: Any,
+    path: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
+    indent: int | None = 2,
+    fsync: bool = True,
 ) -> Path:
     """Write JSON-able data to ``path`` atomically.
 
@@ -134,6 +139,8 @@ def write_json(
         Replace an existing file.
     indent : int or None
         Pretty-printing indent; ``None`` for the most compact form.
+    fsync : bool
+        Sync the file and its directory before returning (durable across power loss).
 
     Returns
     -------
@@ -149,7 +156,43 @@ def write_json(
     """
     path = Path(path)
     data = _dumps(obj_dict, path.name, indent)
-    return atomic_write_bytes(path, data, overwrite=overwrite)
+    return atomic_write_bytes(path, data, overwrite=overwrite, fsync=fsync)
+
+
+def write_yaml(obj: Any, path: str | os.PathLike[str], *, overwrite: bool = False, fsync: bool = True) -> Path:
+    """Write plain data (a dict, or a model with ``to_dict()``) as YAML, atomically.
+
+    Raises
+    ------
+    DataModelError
+        The data are not JSON-able (YAML here holds the same plain data as JSON).
+    """
+    import yaml
+
+    path = Path(path)
+    plain = to_jsonable(obj.to_dict() if hasattr(obj, "to_dict") else obj, path.name)
+    text = yaml.safe_dump(plain, sort_keys=False, default_flow_style=False)
+    return atomic_write_bytes(path, text.encode("utf-8"), overwrite=overwrite, fsync=fsync)
+
+
+def read_yaml(path: str | os.PathLike[str]) -> Any:
+    """Read a YAML file written by :func:`write_yaml` (safe loader: plain data only).
+
+    Raises
+    ------
+    CorruptFileError
+        The file is not valid YAML; the message gives the line and column.
+    """
+    import yaml
+
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    try:
+        return yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise CorruptFileError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
 
 
 def read_json(path: str | os.PathLike[str]) -> Any:

@@ -21,14 +21,19 @@ __all__ = ["make_engine", "write_transaction", "read_connection", "insert_or_ign
 _BUSY_TIMEOUT_MS = 30_000
 
 
-def make_engine(url_or_path: str | Path) -> Engine:
+def make_engine(url_or_path: str | Path, *, synchronous: str = "NORMAL") -> Engine:
     """Create an engine for a registry database.
 
     Parameters
     ----------
     url_or_path : str or Path
         An SQLAlchemy URL (``postgresql+psycopg://...``), or a filesystem path of an SQLite file.
+    synchronous : {"NORMAL", "FULL"}
+        SQLite's sync level: ``NORMAL`` (WAL: committed transactions survive a killed process)
+        or ``FULL`` (also an operating-system crash or power loss).
     """
+    if synchronous not in ("NORMAL", "FULL"):
+        raise ValueError(f"synchronous must be NORMAL or FULL, got {synchronous!r}")
     text = str(url_or_path)
     url = text if "://" in text else f"sqlite:///{text}"
     if not url.startswith("sqlite"):
@@ -41,7 +46,7 @@ def make_engine(url_or_path: str | Path) -> Engine:
         cursor = dbapi_connection.cursor()
         cursor.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
         cursor.execute("PRAGMA journal_mode = WAL")
-        cursor.execute("PRAGMA synchronous = NORMAL")
+        cursor.execute(f"PRAGMA synchronous = {synchronous}")
         cursor.execute("PRAGMA foreign_keys = ON")
         cursor.close()
 

@@ -101,9 +101,9 @@ class Registry:
         return registry
 
     @classmethod
-    def open(cls, db: str) -> Registry:
+    def open(cls, db: str, *, synchronous: str = "NORMAL") -> Registry:
         """Open an existing registry; its universe is read from the database."""
-        engine = make_engine(db)
+        engine = make_engine(db, synchronous=synchronous)
         md = sa.MetaData()
         attributes = sa.Table("butler_attributes", md, sa.Column("name", sa.String), sa.Column("value", sa.Text))
         with read_connection(engine) as conn:

@@ -239,3 +239,23 @@ def test_fill_dimensions_is_reusable(tmp_path):
         fill_dimensions(b)
         assert len(b.query_dimension_records("patch")) == 16
     assert os.path.exists(Path(path) / "registry.sqlite3")
+
+
+@pytest.mark.parametrize("durability", ["process", "power"])
+def test_durability_levels_sync_only_when_asked(tmp_path, monkeypatch, durability):
+    calls = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(fd), real_fsync(fd))[1])
+    path = tmp_path / durability
+    Butler.create(path, durability=durability)
+    with Butler(path, run="r") as b:
+        fill_dimensions(b)
+        b.register_dataset_type("cfg", ["visit", "detector"], "Config")
+        calls.clear()
+        b.put({"a": 1, "nested": {"b": [1, 2]}}, "cfg", DID)
+        assert b.get("cfg", DID, collections="r") == {"a": 1, "nested": {"b": [1, 2]}}
+        synchronous = b.registry.engine.connect().exec_driver_sql("PRAGMA synchronous").scalar()
+    assert (len(calls) >= 2) == (durability == "power")  # file + directory
+    assert synchronous == (2 if durability == "power" else 1)  # FULL / NORMAL
+    with pytest.raises(FormatError, match="unknown durability"):
+        Butler.create(tmp_path / "x", durability="paranoid")
