@@ -78,7 +78,7 @@ class Butler:
                 f"{self.root} is not a butler repository (no {CONFIG_NAME}); create one with `butler create {self.root}`"
             )
         with open(config_path, encoding="utf-8") as stream:
-            self.config: dict[str, Any] = yaml.safe_load(stream) or {}
+            self.config: dict[str, Any] = yaml.load(stream, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)) or {}
         db = self.config.get("registry", {}).get("db", _DEFAULT_DB)
         db_target = db if "://" in db else str(self.root / db)
         durability = self.config.get("durability", "process")

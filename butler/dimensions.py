@@ -302,4 +302,5 @@ class DimensionUniverse:
 def default_universe() -> DimensionUniverse:
     """The universe shipped with diapipe (``butler/config/dimensions.yaml``)."""
     text = resources.files("butler").joinpath("config/dimensions.yaml").read_text(encoding="utf-8")
-    return DimensionUniverse.from_config(yaml.safe_load(text), source="butler/config/dimensions.yaml")
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when available: ~10x faster
+    return DimensionUniverse.from_config(yaml.load(text, Loader=loader), source="butler/config/dimensions.yaml")
