@@ -13,13 +13,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import sqlalchemy as sa
 
 from ..dimensions import DataId
 from ..errors import DataIdError
 from ..queries import identifiers, parse_cached
-import numpy as np
-
 from ..regions import RegionBatch
 from .database import read_connection
 
@@ -129,9 +128,12 @@ class DataIdQuery:
             and bare_names
             and {*requested, *referenced, *data_id} <= {*obs_keys, *sky_keys}
         )
-        if not self_contained:
-            for name in sorted(dims, key=lambda n: -len(u.required_closure([n]))):
-                add(self.tables.dimensions[name], u.required_closure([name]), u[name].implies)
+        if self_contained:
+            return self._pixel_join_in_memory(
+                requested, expression, bind, data_id, obs_element, obs_keys, sky_element, sky_keys
+            )
+        for name in sorted(dims, key=lambda n: -len(u.required_closure([n]))):
+            add(self.tables.dimensions[name], u.required_closure([name]), u[name].implies)
 
         conditions = [key_columns[k] == u.coerce_value(k, v) for k, v in data_id.items() if k in key_columns]
         implied_data_id = {k: v for k, v in data_id.items() if k not in key_columns}
@@ -190,6 +192,68 @@ class DataIdQuery:
             return key_columns[dim]
 
         return key_column
+
+    def _pixel_join_in_memory(
+        self,
+        requested: tuple[str, ...],
+        expression: Any,
+        bind: Mapping[str, Any] | None,
+        data_id: Mapping[str, Any],
+        obs_element: str,
+        obs_keys: tuple[str, ...],
+        sky_element: str,
+        sky_keys: tuple[str, ...],
+    ) -> list[DataId]:
+        """Spatial join of two index tables by pixel with numpy, then the exact test.
+
+        Used when every requested and constrained key is a key of the two spatial elements:
+        reading the two index tables (tens of thousands of small rows) and joining them with a
+        sort is ~5x faster than SQLite's join of the same tables.
+        """
+        u = self.universe
+        sides = []
+        with read_connection(self.registry.engine) as conn:
+            for element, keys in ((obs_element, obs_keys), (sky_element, sky_keys)):
+                table = self.tables.hpx[element]
+                query = sa.select(*(table.c[k] for k in keys), table.c.pix).where(
+                    *(table.c[k] == u.coerce_value(k, v) for k, v in data_id.items() if k in keys)
+                )
+                fetched = conn.execute(query).all()
+                index: dict[tuple, int] = {}
+                ids = np.fromiter(
+                    (index.setdefault(tuple(row[:-1]), len(index)) for row in fetched), dtype=np.int64, count=len(fetched)
+                )
+                pixels = np.fromiter((row[-1] for row in fetched), dtype=np.int64, count=len(fetched))
+                sides.append((list(index), ids, pixels))
+        (obs_list, obs_ids, obs_pix), (sky_list, sky_ids, sky_pix) = sides
+        if not len(obs_ids) or not len(sky_ids):
+            return []
+        order = np.argsort(sky_pix, kind="stable")
+        sky_pix_sorted, sky_ids_sorted = sky_pix[order], sky_ids[order]
+        lo = np.searchsorted(sky_pix_sorted, obs_pix, side="left")
+        hi = np.searchsorted(sky_pix_sorted, obs_pix, side="right")
+        counts = hi - lo
+        first = np.repeat(obs_ids, counts)
+        starts = np.repeat(lo - np.concatenate(([0], np.cumsum(counts)[:-1])), counts)
+        second = sky_ids_sorted[np.arange(counts.sum()) + starts]
+        pairs = np.unique(first * len(sky_list) + second)
+        first, second = pairs // len(sky_list), pairs % len(sky_list)
+        obs_vertices = self.registry.region_vertices(obs_element, obs_list)
+        sky_vertices = self.registry.region_vertices(sky_element, sky_list)
+        keep = RegionBatch([obs_vertices[k] for k in obs_list]).overlaps(
+            RegionBatch([sky_vertices[k] for k in sky_list]), first, second
+        )
+        names = (*obs_keys, *sky_keys)
+        rows = [obs_list[i] + sky_list[j] for i, j in zip(first[keep].tolist(), second[keep].tolist(), strict=True)]
+        if expression is not None:
+            from ..queries import evaluate
+
+            rows = [r for r in rows if evaluate(expression, dict(zip(names, r, strict=True)), bind)]
+        if tuple(requested) != names:  # project, and drop the duplicates projection makes
+            positions = [names.index(k) for k in requested]
+            rows = list({tuple(r[p] for p in positions) for r in rows})
+        rows.sort()
+        return [dict(zip(requested, key, strict=True)) for key in rows]
 
     def _exact_overlaps(
         self,
