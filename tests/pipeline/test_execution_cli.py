@@ -84,7 +84,9 @@ def test_failed_run_summary_report_and_rerun_with_skip_existing(repo, template, 
 
 
 def test_interrupted_driver_is_resumed_with_skip_existing(repo, tmp_path):
-    pipe = write_pipeline(tmp_path, {"sleep": 0.25})
+    # Quanta slow enough that the interrupt lands mid-run even when polling the repository is
+    # slow on a loaded machine (8 quanta x 1 s; the interrupt comes after the third).
+    pipe = write_pipeline(tmp_path, {"sleep": 1.0})
     args = ["run", "-b", str(repo), "-p", str(pipe), "-i", "inputs", "-o", "u/test", "-d", "visit IN (100, 101)",
             "-j", "1", "--no-progress"]
     code = "import sys; from pipeline.cli import main; sys.exit(main(sys.argv[1:]))"
