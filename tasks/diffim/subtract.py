@@ -1,0 +1,617 @@
+"""ImageDifferenceTask (label ``subtractImages``): PSF-match a template to a science image and subtract.
+
+After ``lsst.ip.diffim.AlardLuptonSubtractTask`` (and the older ``lsst.pipe.tasks.imageDifference``):
+
+1. checks: both images have PSFs, the same band, and the template covers the science box in the
+   science pixel frame (a template in another frame is warped with :func:`tasks.warp.warp_exposure`);
+   a template covering less than ``requiredTemplateFraction`` of the science image raises
+   ``NoWorkFound``;
+2. mode ``auto`` convolves whichever image has the narrower PSF (mean FWHM over the science box):
+   normally the template (``convolveTemplate``: ``D = S - (T (x) K + b)``), the science image when it
+   is the sharper one (``convolveScience``: ``D = (S (x) K - (T - b)) / kappa`` with
+   ``S (x) K + b ~= T``, so ``D`` stays in the science image's flux units, transients positive);
+   the choice is logged and recorded in the metadata (``convolvedImage``);
+3. the kernel comes from :class:`~tasks.diffim.make_kernel.MakeKernelTask` (kernel candidates from
+   the science ``src`` catalog) and is applied cell by cell with FFTs
+   (:func:`tasks.psfmatch.convolve_exposure`): image, variance (``V (x) K^2``) and mask (bits
+   grown by the kernel; ``NO_DATA`` where non-finite input reached, ``EDGE`` on the border);
+4. optional decorrelation (:mod:`.decorrelate`, LSST's default) whitens the difference noise; the
+   variance plane is then ``V_u (x) phi^2 + V_c (x) (phi (x) K)^2``;
+5. the difference carries the science WCS, calibration and visit info and the PSF of its
+   unconvolved side (``science.psf`` or ``template.psf``, convolved with ``phi`` when decorrelated);
+   ``NO_DATA`` pixels are NaN.
+
+Kernel diagnostics (candidates used and rejected, kernel sums, condition numbers, the normalized
+residual of the difference on blank sky) go to the task metadata; with ``doWriteDebugPlots`` PNG
+displays of the kernel basis, the kernel mosaic, the candidates and the spatial model are written.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from astropy.table import Table
+
+from butler.exposure import Exposure
+from butler.geometry import Box
+from butler.masks import add_plane
+from pipeline.config import ConfigurableField, Field
+from pipeline.connections import Input, Output, PipelineTaskConnections
+from pipeline.errors import NoWorkFound
+from pipeline.pipeline_task import PipelineTask, PipelineTaskConfig
+from pipeline.struct import Struct
+from tasks.psfmatch import SpatialKernel, convolve_exposure
+
+from .decorrelate import convolve_kernels, decorrelated_psf, decorrelation_kernel
+from .errors import BandMismatchError, TemplateGeometryError, with_data_id
+from .make_kernel import MakeKernelTask, psf_fwhm_over_box, require_psf
+from .utils import clipped_std, convolve_constant, good_pixels, merge_mask_planes, plane_bits, remap_mask
+
+__all__ = [
+    "ImageDifferenceConnections",
+    "ImageDifferenceConfig",
+    "ImageDifferenceTask",
+    "template_coverage",
+    "check_template_geometry",
+]
+
+_log = logging.getLogger(__name__)
+
+VISIT_DETECTOR = ("instrument", "visit", "detector")
+
+#: Mask planes that make a pixel unusable for residual statistics.
+_STATS_BAD_PLANES = ("BAD", "SAT", "NO_DATA", "EDGE", "CR", "INTRP", "SUSPECT", "DETECTED", "DETECTED_NEGATIVE")
+
+
+class ImageDifferenceConnections(
+    PipelineTaskConnections,
+    dimensions=VISIT_DETECTOR,
+    defaultTemplates={"diffName": "goodSeeing"},
+):
+    template = Input(
+        name="{diffName}Diff_templateExp",
+        storageClass="Exposure",
+        dimensions=VISIT_DETECTOR,
+        doc="Template warped to the science image's WCS and box (getTemplate)",
+    )
+    science = Input(name="calexp", storageClass="Exposure", dimensions=VISIT_DETECTOR, doc="Science exposure")
+    sources = Input(
+        name="src", storageClass="SourceCatalog", dimensions=VISIT_DETECTOR, doc="Science sources: kernel candidates"
+    )
+    subtractedExposure = Output(  # noqa: N815 - LSST's name
+        name="{diffName}Diff_differenceExp",
+        storageClass="Exposure",
+        dimensions=VISIT_DETECTOR,
+        doc="Difference image (science minus PSF-matched template), science flux units",
+    )
+    matchedExposure = Output(  # noqa: N815
+        name="{diffName}Diff_matchedExp",
+        storageClass="Exposure",
+        dimensions=VISIT_DETECTOR,
+        doc="The template as subtracted: convolved (and background-added) when the template is convolved",
+    )
+
+
+class ImageDifferenceConfig(PipelineTaskConfig, pipelineConnections=ImageDifferenceConnections):
+    """Configuration of :class:`ImageDifferenceTask`."""
+
+    mode: str = Field("auto", description="'auto', 'convolveTemplate' or 'convolveScience'")
+    makeKernel = ConfigurableField(target=MakeKernelTask, doc="PSF-matching kernel fit")
+    doDecorrelation: bool = Field(True, description="Whiten the difference noise (LSST's afterburner)")
+    decorrelationKernelScale: float = Field(
+        2.0, description="Decorrelation kernel size, in units of the matching kernel size (made odd)"
+    )
+    requiredTemplateFraction: float = Field(
+        0.1, description="Raise NoWorkFound when the template covers less than this fraction of the science image"
+    )
+    doWarpTemplate: bool = Field(
+        True, description="Warp a template that is not in the science pixel frame (otherwise raise)"
+    )
+    warpingKernelName: str = Field("lanczos3", description="Warping kernel for doWarpTemplate")
+    doScaleVariance: bool = Field(
+        False, description="Rescale the difference variance so its blank-sky normalized residual std is 1"
+    )
+    fftWorkers: int | None = Field(None, description="Threads for scipy.fft in the convolutions (None: scipy default)")
+    convolutionCellSize: int = Field(512, description="Cell size of the FFT convolutions, pixels")
+    residualStatsStep: int = Field(4, description="Subsampling step of the blank-sky residual statistics")
+    doWriteDebugPlots: bool = Field(False, description="Write PNG displays of the kernel fit (basis, mosaic, candidates, spatial model)")
+    debugPlotDir: str = Field("diffim_debug", description="Folder of the debug PNGs (created when needed)")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.mode not in ("auto", "convolveTemplate", "convolveScience"):
+            raise ValueError(f"mode must be 'auto', 'convolveTemplate' or 'convolveScience', not {self.mode!r}")
+        if not 0.0 <= self.requiredTemplateFraction <= 1.0:
+            raise ValueError(f"requiredTemplateFraction must be in [0, 1], got {self.requiredTemplateFraction}")
+        if self.decorrelationKernelScale <= 0:
+            raise ValueError("decorrelationKernelScale must be positive")
+
+
+def template_coverage(template: Exposure, bbox: Box) -> float:
+    """Fraction of ``bbox`` pixels where the template is finite and not ``NO_DATA``."""
+    overlap = template.bbox.intersection(bbox)
+    if overlap.is_empty:
+        return 0.0
+    sl = overlap.slices(template.bbox)
+    ok = np.isfinite(template.image[sl])
+    if "NO_DATA" in template.mask_planes:
+        ok &= (template.mask[sl] & template.get_plane_bitmask("NO_DATA")) == 0
+    return float(np.count_nonzero(ok)) / float(bbox.area)
+
+
+def check_template_geometry(template: Exposure, science: Exposure, tolerance: float = 0.05) -> bool:
+    """True when the template is in the science pixel frame (WCSs agree to ``tolerance`` pixels).
+
+    Exposures without a WCS are assumed to share the frame.
+    """
+    if template.wcs is None or science.wcs is None:
+        return True
+    b = science.bbox
+    xs = np.array([b.x0, b.x1 - 1, b.x0, b.x1 - 1, b.center[0]], dtype=float)
+    ys = np.array([b.y0, b.y0, b.y1 - 1, b.y1 - 1, b.center[1]], dtype=float)
+    ra, dec = science.pixel_to_sky(xs, ys)
+    tx, ty = template.sky_to_pixel(ra, dec)
+    return bool(np.all(np.hypot(tx - xs, ty - ys) < tolerance))
+
+
+class ImageDifferenceTask(PipelineTask):
+    """PSF-match the template to the science image (or the reverse) and subtract."""
+
+    ConfigClass = ImageDifferenceConfig
+    _DefaultName = "subtractImages"
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.makeSubtask("makeKernel")
+
+    # ------------------------------------------------------------------ pipeline entry
+    def runQuantum(self, butlerQC: Any, inputRefs: Any, outputRefs: Any) -> None:  # noqa: N802, N803
+        inputs = butlerQC.get(inputRefs)
+        try:
+            outputs = self.run(**inputs)
+        except Exception as exc:  # noqa: BLE001 - re-raised with the data ID
+            raise with_data_id(exc, butlerQC.dataId) from exc
+        except BaseException as exc:  # NoWorkFound
+            new = with_data_id(exc, butlerQC.dataId)
+            if new is exc:
+                raise
+            raise new from exc
+        butlerQC.put(outputs, outputRefs)
+
+    # ------------------------------------------------------------------ algorithm
+    def run(self, template: Exposure, science: Exposure, sources: Table) -> Struct:
+        """Subtract a PSF-matched template from a science exposure.
+
+        Parameters
+        ----------
+        template : Exposure
+            Template covering the science box (warped to the science WCS; another frame is warped
+            here when ``doWarpTemplate``).
+        science : Exposure
+            Science exposure with PSF, variance and mask.
+        sources : astropy.table.Table
+            Science sources (``src``): the kernel candidates are chosen among them.
+
+        Returns
+        -------
+        Struct
+            ``subtractedExposure`` (= ``difference``), ``matchedExposure`` (= ``matchedTemplate``:
+            the template as subtracted), ``matchedScience`` (the science image as subtracted),
+            ``psfMatchingKernel``, ``backgroundModel``, ``kernelSources`` (the candidates' rows of
+            ``sources``), ``convolvedImage`` (``"template"`` or ``"science"``), ``decorrelationKernel``
+            (or None), ``subtractRes`` (a Struct of the kernel fit: kernel, background, diagnostics,
+            basis, candidates), and ``diaSources`` = None (detection is ``detectAndMeasure``).
+
+        Raises
+        ------
+        MissingPsfError, BandMismatchError, TemplateGeometryError, InsufficientKernelSourcesError,
+        KernelSolutionError
+            Clear errors for data this algorithm cannot handle.
+        NoWorkFound
+            The template covers less than ``requiredTemplateFraction`` of the science image.
+        """
+        t_start = time.perf_counter()
+        require_psf(science, "science")
+        require_psf(template, "template")
+        if template.band is not None and science.band is not None and template.band != science.band:
+            raise BandMismatchError(
+                f"template band {template.band!r} differs from science band {science.band!r}; "
+                "subtract a template of the science image's band"
+            )
+        template = self._prepareTemplate(template, science)
+        fwhm_t = psf_fwhm_over_box(template.psf, science.bbox, self.makeKernel.config.fwhmExposureGrid)
+        fwhm_s = psf_fwhm_over_box(science.psf, science.bbox, self.makeKernel.config.fwhmExposureGrid)
+        convolve_template = self._chooseConvolvedImage(fwhm_t, fwhm_s)
+        with self.timer("subtract"):
+            if convolve_template:
+                result = self.runConvolveTemplate(template, science, sources)
+            else:
+                result = self.runConvolveScience(template, science, sources)
+        self.metadata["fwhmTemplate"] = fwhm_t
+        self.metadata["fwhmScience"] = fwhm_s
+        self.metadata["elapsed"] = time.perf_counter() - t_start
+        if self.config.doWriteDebugPlots:
+            self._writeDebugPlots(result, science)
+        result.subtractedExposure = result.difference
+        result.matchedExposure = result.matchedTemplate
+        result.diaSources = None
+        return result
+
+    def _chooseConvolvedImage(self, fwhm_t: float, fwhm_s: float) -> bool:  # noqa: N802
+        """True to convolve the template; records the decision."""
+        mode = self.config.mode
+        if mode == "convolveTemplate":
+            convolve_template = True
+        elif mode == "convolveScience":
+            convolve_template = False
+        else:
+            convolve_template = fwhm_t <= fwhm_s
+        which = "template" if convolve_template else "science"
+        self.metadata["mode"] = mode
+        self.metadata["convolvedImage"] = which
+        self.log.info(
+            "mode %s: PSF FWHM template %.2f px, science %.2f px: convolving the %s", mode, fwhm_t, fwhm_s, which
+        )
+        if mode != "auto" and ((fwhm_t > fwhm_s) == convolve_template):
+            self.log.warning(
+                "mode %s convolves the image with the wider PSF (%.2f px vs %.2f px): the kernel must deconvolve",
+                mode, max(fwhm_t, fwhm_s), min(fwhm_t, fwhm_s),
+            )
+        return convolve_template
+
+    def _prepareTemplate(self, template: Exposure, science: Exposure) -> Exposure:  # noqa: N802
+        """The template in the science frame and box; NoWorkFound when it covers too little."""
+        if not check_template_geometry(template, science):
+            if not self.config.doWarpTemplate:
+                raise TemplateGeometryError(
+                    "the template is not in the science image's pixel frame (WCSs differ) and doWarpTemplate "
+                    "is False; run getTemplate or warp it first"
+                )
+            try:
+                from tasks.warp import warp_exposure
+            except ImportError as exc:
+                raise TemplateGeometryError(
+                    f"the template is not in the science pixel frame and tasks.warp is unavailable ({exc})"
+                ) from None
+            self.log.info("warping the template to the science WCS (%s)", self.config.warpingKernelName)
+            template = warp_exposure(template, science.wcs, science.bbox, method=self.config.warpingKernelName)
+        if not template.bbox.contains(science.bbox):
+            coverage = template_coverage(template, science.bbox)
+            if template.bbox.overlaps(science.bbox):
+                template = _pad_to_box(template, science.bbox)
+            else:
+                raise NoWorkFound(f"the template {template.bbox} does not overlap the science image {science.bbox}")
+        elif template.bbox != science.bbox:
+            template = template.subexposure(science.bbox)
+        coverage = template_coverage(template, science.bbox)
+        self.metadata["templateCoverage"] = coverage
+        if coverage < self.config.requiredTemplateFraction:
+            raise NoWorkFound(
+                f"the template covers {100 * coverage:.1f}% of the science image, below "
+                f"requiredTemplateFraction={self.config.requiredTemplateFraction:g}"
+            )
+        return template
+
+    # ------------------------------------------------------------------ the two directions
+    def runConvolveTemplate(self, template: Exposure, science: Exposure, sources: Table) -> Struct:  # noqa: N802
+        """Convolve the template: ``D = S - (T (x) K + b)``."""
+        with self.timer("makeKernel"):
+            kres = self.makeKernel.run(template, science, sources)
+        kernel: SpatialKernel = kres.psfMatchingKernel
+        with self.timer("convolve"):
+            matched = convolve_exposure(
+                template, kernel, cell_size=self.config.convolutionCellSize, workers=self.config.fftWorkers
+            )
+            matched.image += kres.backgroundModel.image(science.bbox)
+        matched.psf = science.psf
+        matched.photo_calib = science.photo_calib
+        matched.metadata["DIFFIM_ROLE"] = "matchedTemplate"
+        with self.timer("difference"):
+            planes = merge_mask_planes(dict(science.mask_planes), matched.mask_planes)
+            mask = science.mask | remap_mask(matched.mask, matched.mask_planes, planes)
+            image = science.image - matched.image
+            variance = science.variance + matched.variance
+        kappa = 1.0
+        phi = None
+        if self.config.doDecorrelation:
+            with self.timer("decorrelate"):
+                image, variance, mask, phi = self._decorrelate(
+                    image, mask, planes, kernel, unconvolved=science, convolved=template, scale=1.0
+                )
+        psf = science.psf if phi is None else decorrelated_psf(science.psf, phi, science.bbox)
+        difference = self._makeDifference(image, mask, variance, planes, science, psf, kernel, "template", kappa)
+        return Struct(
+            difference=difference,
+            matchedTemplate=matched,
+            matchedScience=science,
+            psfMatchingKernel=kernel,
+            backgroundModel=kres.backgroundModel,
+            kernelSources=_candidate_rows(sources, kres.candidates),
+            convolvedImage="template",
+            decorrelationKernel=phi,
+            subtractRes=kres,
+        )
+
+    def runConvolveScience(self, template: Exposure, science: Exposure, sources: Table) -> Struct:  # noqa: N802
+        """Convolve the science image: ``D = (S (x) K - (T - b)) / kappa`` with ``S (x) K + b ~= T``."""
+        with self.timer("makeKernel"):
+            kres = self.makeKernel.run(science, template, sources)
+        kernel: SpatialKernel = kres.psfMatchingKernel
+        cx, cy = science.bbox.center
+        kappa = float(kernel.kernel_sum(cx, cy))
+        if not (math.isfinite(kappa) and kappa > 0):
+            from .errors import KernelSolutionError
+
+            raise KernelSolutionError(f"the science-to-template kernel sums to {kappa:g}; cannot normalize the difference")
+        with self.timer("convolve"):
+            conv_science = convolve_exposure(
+                science, kernel, cell_size=self.config.convolutionCellSize, workers=self.config.fftWorkers
+            )
+        inv = np.float32(1.0 / kappa)
+        inv2 = np.float32(1.0 / kappa**2)
+        background = kres.backgroundModel.image(science.bbox)
+        matched = Exposure(
+            (template.image - background) * inv,
+            template.mask.copy(),
+            template.variance * inv2,
+            xy0=template.xy0,
+            wcs=science.wcs,
+            psf=template.psf,
+            photo_calib=science.photo_calib,
+            visit_info=template.visit_info,
+            band=template.band,
+            mask_planes=template.mask_planes,
+            metadata={**template.metadata, "DIFFIM_ROLE": "matchedTemplate", "KERNEL_SUM": kappa},
+        )
+        del background
+        with self.timer("difference"):
+            planes = merge_mask_planes(dict(science.mask_planes), conv_science.mask_planes)
+            merge_mask_planes(planes, template.mask_planes)
+            mask = remap_mask(conv_science.mask, conv_science.mask_planes, planes) | remap_mask(
+                template.mask, template.mask_planes, planes
+            )
+            image = conv_science.image * inv - matched.image
+            variance = conv_science.variance * inv2 + matched.variance
+        matched_science = conv_science
+        matched_science.image *= inv
+        matched_science.variance *= inv2
+        matched_science.psf = template.psf
+        matched_science.metadata["DIFFIM_ROLE"] = "matchedScience"
+        phi = None
+        if self.config.doDecorrelation:
+            with self.timer("decorrelate"):
+                image, variance, mask, phi = self._decorrelate(
+                    image, mask, planes, kernel, unconvolved=template, convolved=science, scale=1.0 / kappa
+                )
+        psf = template.psf if phi is None else decorrelated_psf(template.psf, phi, science.bbox)
+        difference = self._makeDifference(image, mask, variance, planes, science, psf, kernel, "science", kappa)
+        return Struct(
+            difference=difference,
+            matchedTemplate=matched,
+            matchedScience=matched_science,
+            psfMatchingKernel=kernel,
+            backgroundModel=kres.backgroundModel,
+            kernelSources=_candidate_rows(sources, kres.candidates),
+            convolvedImage="science",
+            decorrelationKernel=phi,
+            subtractRes=kres,
+        )
+
+    # ------------------------------------------------------------------ decorrelation
+    def _decorrelate(
+        self,
+        image: np.ndarray,
+        mask: np.ndarray,
+        planes: dict[str, int],
+        kernel: SpatialKernel,
+        *,
+        unconvolved: Exposure,
+        convolved: Exposure,
+        scale: float,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Whiten the difference: returns image, variance, mask and ``phi``.
+
+        ``image`` is already in the difference's units; ``scale`` (``1/kappa`` when the science
+        image was convolved, else 1) brings the input variance planes, each in its own image's
+        units, to the difference's units.  ``NO_DATA`` spreads over ``phi``'s significant support;
+        the border ``phi`` reached past is marked ``EDGE``.
+        """
+        bbox = unconvolved.bbox
+        cx, cy = bbox.center
+        k_centre = kernel.kernel_image(cx, cy)
+        bad = ("BAD", "SAT", "NO_DATA", "EDGE", "CR", "INTRP", "DETECTED")
+        var_c = _median_variance(convolved, bad)
+        var_u = _median_variance(unconvolved, bad)
+        size = int(round(self.config.decorrelationKernelScale * kernel.kernel_size))
+        size += 1 - size % 2
+        phi = decorrelation_kernel(k_centre, var_c, var_u, size)
+        self.metadata["decorrelation"] = {
+            "varianceConvolved": var_c,
+            "varianceUnconvolved": var_u,
+            "kernelSize": size,
+            "phiCentre": float(phi[size // 2, size // 2]),
+        }
+        opts = {"workers": self.config.fftWorkers, "cell_size": self.config.convolutionCellSize}
+        finite = np.isfinite(image)
+        no_data = np.int32(1 << add_plane(planes, "NO_DATA"))
+        edge = np.int32(1 << add_plane(planes, "EDGE"))
+        if not finite.all():
+            image = np.where(finite, image, np.float32(0))
+            mask = mask | np.where(finite, np.int32(0), no_data)
+        out_image = convolve_constant(image, phi, **opts)
+        del image
+        v_u = _finite_or_zero(unconvolved.variance)
+        v_c = _finite_or_zero(convolved.variance)
+        phi_k = convolve_kernels(phi, k_centre)
+        out_var = convolve_constant(v_u, phi**2, **opts)
+        if scale != 1.0:
+            out_var *= np.float32(scale**2)
+            part = convolve_constant(v_c, phi_k**2, **opts)
+            part *= np.float32(scale**2)
+            out_var += part
+        else:
+            out_var += convolve_constant(v_c, phi_k**2, **opts)
+        del v_u, v_c
+        np.maximum(out_var, 0, out=out_var)
+        from tasks.psfmatch import grow_mask
+
+        from .decorrelate import trim_kernel
+
+        # phi's significant support (|phi| > 1e-3 of its peak): where NO_DATA spreads, and the
+        # border where the zero padding outside the image enters is EDGE
+        reach = trim_kernel(phi, 1.0e-3).shape[0] // 2
+        if (mask & no_data).any() and reach > 0:
+            mask = mask | grow_mask(mask & no_data, (-reach, reach, -reach, reach))
+        if reach > 0:
+            mask[:reach, :] |= edge
+            mask[-reach:, :] |= edge
+            mask[:, :reach] |= edge
+            mask[:, -reach:] |= edge
+        return out_image, out_var, mask, phi
+
+    # ------------------------------------------------------------------ assembling
+    def _makeDifference(  # noqa: N802
+        self,
+        image: np.ndarray,
+        mask: np.ndarray,
+        variance: np.ndarray,
+        planes: dict[str, int],
+        science: Exposure,
+        psf: Any,
+        kernel: SpatialKernel,
+        convolved: str,
+        kappa: float,
+    ) -> Exposure:
+        no_data_bit = 1 << planes["NO_DATA"] if "NO_DATA" in planes else 0
+        if no_data_bit:
+            nd = (mask & no_data_bit) != 0
+            if nd.any():
+                image[nd] = np.nan
+                variance[nd] = np.nan
+        self._recordResiduals(image, mask, variance, planes)
+        # the science image's DETECTED planes describe the science image, not the difference
+        clear = plane_bits(planes, ("DETECTED", "DETECTED_NEGATIVE"))
+        if clear:
+            mask &= np.int32(~clear)
+        cx, cy = science.bbox.center
+        metadata = dict(science.metadata)
+        metadata.update(
+            {
+                "DIFFIM_CONVOLVED": convolved,
+                "DIFFIM_KERNEL_SUM": float(kernel.kernel_sum(cx, cy)),
+                "DIFFIM_KERNEL_SIZE": kernel.kernel_size,
+                "DIFFIM_DECORRELATED": bool(self.config.doDecorrelation),
+                "DIFFIM_NORM": kappa,
+            }
+        )
+        diff = Exposure(
+            image,
+            mask,
+            variance,
+            xy0=science.xy0,
+            wcs=science.wcs,
+            psf=psf,
+            photo_calib=science.photo_calib,
+            visit_info=science.visit_info,
+            band=science.band,
+            mask_planes=planes,
+            metadata=metadata,
+        )
+        if self.config.doScaleVariance:
+            ratio = self.metadata.get("residualStdBlankSky", float("nan"))
+            if math.isfinite(ratio) and ratio > 0:
+                diff.variance *= np.float32(ratio**2)
+                self.metadata["varianceScale"] = ratio**2
+        return diff
+
+    def _recordResiduals(  # noqa: N802
+        self, image: np.ndarray, mask: np.ndarray, variance: np.ndarray, planes: dict[str, int]
+    ) -> None:
+        """Blank-sky statistics of ``difference / sqrt(variance)``: pixels with no mask bit of
+        :data:`_STATS_BAD_PLANES` (the science image's DETECTED footprints included)."""
+        probe = Exposure(image, mask, variance, mask_planes=planes)
+        std = _normalized_residual_std(probe, self.config.residualStatsStep)
+        mean, n = _normalized_residual_mean(probe, self.config.residualStatsStep)
+        self.metadata["residualStdBlankSky"] = std
+        self.metadata["residualMeanBlankSky"] = mean
+        self.metadata["residualPixels"] = n
+        self.log.info("difference / sqrt(variance) on unmasked pixels: mean %.4f, std %.4f (%d px)", mean, std, n)
+
+    def _writeDebugPlots(self, result: Struct, science: Exposure) -> None:  # noqa: N802
+        from . import debug_plots
+
+        visit = science.visit_info.visit_id if science.visit_info is not None else None
+        det = science.metadata.get("DETECTOR")
+        prefix = f"{visit if visit is not None else 'visit'}_{det if det is not None else 'det'}"
+        folder = Path(self.config.debugPlotDir)
+        try:
+            paths = debug_plots.write_kernel_plots(result.subtractRes, science.bbox, folder, prefix)
+        except Exception as exc:  # noqa: BLE001 - plots never fail the quantum
+            self.log.warning("debug plots failed: %s", exc)
+            return
+        self.metadata["debugPlots"] = [os.fspath(p) for p in paths]
+        self.log.info("wrote %d debug plots to %s", len(paths), folder)
+
+
+# ---------------------------------------------------------------------------------- helpers
+def _candidate_rows(sources: Table, candidates: list[Any]) -> Table:
+    used = {c.source_id for c in candidates if getattr(c, "status", "") == "good"}
+    if "id" not in sources.colnames or not used:
+        return sources[:0]
+    keep = np.array([int(i) in used for i in sources["id"]], dtype=bool)
+    return sources[keep]
+
+
+def _finite_or_zero(array: np.ndarray) -> np.ndarray:
+    """``array`` itself when all finite, else a copy with non-finite values set to 0."""
+    finite = np.isfinite(array)
+    if finite.all():
+        return array
+    return np.where(finite, array, np.float32(0))
+
+
+def _median_variance(exposure: Exposure, bad_planes: tuple[str, ...]) -> float:
+    ok = good_pixels(exposure, bad_planes, step=4)
+    values = exposure.variance[::4, ::4][ok]
+    if values.size == 0:
+        values = exposure.variance[np.isfinite(exposure.variance)]
+    return float(np.median(values)) if values.size else float("nan")
+
+
+def _normalized_residual_std(difference: Exposure, step: int) -> float:
+    ok = good_pixels(difference, _STATS_BAD_PLANES, step=step)
+    sl = (slice(None, None, step), slice(None, None, step))
+    values = difference.image[sl][ok] / np.sqrt(difference.variance[sl][ok])
+    return clipped_std(values)
+
+
+def _normalized_residual_mean(difference: Exposure, step: int) -> tuple[float, int]:
+    ok = good_pixels(difference, _STATS_BAD_PLANES, step=step)
+    sl = (slice(None, None, step), slice(None, None, step))
+    values = difference.image[sl][ok] / np.sqrt(difference.variance[sl][ok])
+    return (float(np.median(values)) if values.size else float("nan")), int(values.size)
+
+
+def _pad_to_box(template: Exposure, bbox: Box) -> Exposure:
+    """The template on ``bbox``: its overlapping pixels, NaN + NO_DATA elsewhere."""
+    planes = dict(template.mask_planes)
+    no_data = 1 << add_plane(planes, "NO_DATA")
+    image = np.full(bbox.shape, np.nan, dtype=np.float32)
+    variance = np.full(bbox.shape, np.nan, dtype=np.float32)
+    mask = np.full(bbox.shape, no_data, dtype=np.int32)
+    overlap = template.bbox.intersection(bbox)
+    dst, src = overlap.slices(bbox), overlap.slices(template.bbox)
+    image[dst] = template.image[src]
+    variance[dst] = template.variance[src]
+    mask[dst] = template.mask[src]
+    return Exposure(
+        image, mask, variance, xy0=(bbox.x0, bbox.y0), wcs=template.wcs,
+        psf=template.psf, photo_calib=template.photo_calib, visit_info=template.visit_info, band=template.band,
+        mask_planes=planes, metadata=dict(template.metadata),
+    )
