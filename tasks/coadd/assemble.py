@@ -43,7 +43,6 @@ bounded by ``chunkMegabytes`` rather than by the number of inputs.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -140,9 +139,12 @@ class AssembleCoaddConfig(PipelineTaskConfig, pipelineConnections=AssembleCoaddC
 
 # ---------------------------------------------------------------------------------------- combining
 def _nanmedian(x: np.ndarray) -> np.ndarray:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return np.nanmedian(x, axis=0)
+    # Columns with no finite input stay NaN without numpy's all-NaN warning: catching warnings is
+    # not thread-safe, and quanta run on threads.
+    covered = np.isfinite(x).any(axis=0)
+    out = np.full(x.shape[1:], np.nan, dtype=x.dtype)
+    out[covered] = np.nanmedian(x[:, covered], axis=0)
+    return out
 
 
 def _disk(radius: int) -> np.ndarray:
