@@ -23,7 +23,13 @@ Both sides see the same data:
   0.22 deg wide) around (150, +2); the regions are the same great-circle polygons on both sides
   (ours :class:`butler.regions.SkyRegion`, LSST ``lsst.sphgeom.ConvexPolygon``).
 
-Usage: ``python benchmarks/bench_butler.py [--quick]``.  Prints; asserts nothing about time.
+Durability differs by default, so put is also measured (ours only) in a repository created with
+``durability="power"``: LSST's registry commits are fsync'ed (SQLite defaults) but its files are not;
+ours syncs nothing by default and both files and commits with ``"power"``.  For the where query at
+40k datasets, plain sqlite3 fetching the same rows (nothing built from them) shows SQLite's share.
+
+Usage: ``python benchmarks/bench_butler.py [--quick] [--only create,putget,query,overlap,cold]``.
+Prints; asserts nothing about time.
 """
 
 from __future__ import annotations
@@ -129,6 +135,16 @@ class OursSide:
     def create(self, path: str) -> None:
         self.Butler.create(path)
 
+    def create_power(self, path: str) -> None:
+        self.Butler.create(path, durability="power")
+
+    durability_note = (
+        "default durability 'process': files written aside and renamed into place, registry in WAL mode "
+        "with synchronous=NORMAL (a put survives a killed process; nothing is fsync'ed); 'power': files, "
+        "their directories and every registry commit fsync'ed (synchronous=FULL)"
+    )
+    registry_file = "registry.sqlite3"
+
     def open(self, path: str) -> Any:
         return self.Butler(path, run=RUN, collections=[RUN])
 
@@ -223,6 +239,13 @@ class LsstSide:
 
     def create(self, path: str) -> None:
         self.Butler.makeRepo(path)
+
+    create_power = None  # one durability level only
+    durability_note = (
+        "files written in place without fsync; SQLite registry with SQLite's defaults (LSST sets neither): "
+        "rollback journal, synchronous=FULL, so every registry commit is fsync'ed"
+    )
+    registry_file = "gen3.sqlite3"
 
     def open(self, path: str) -> Any:
         return self.Butler.from_config(path, writeable=True, run=RUN, collections=[RUN])
@@ -337,20 +360,80 @@ def _cold_start(code: str, repeat: int) -> float:
     return best
 
 
-def run_side(side: Any, n: dict[str, int], tmp: str) -> dict[str, Any]:
-    """Every measurement for one side; times in seconds."""
-    out: dict[str, Any] = {"version": side.version()}
-    tag = side.label
+SECTIONS = ("create", "putget", "query", "overlap", "cold")
 
-    # 1. repo create (median of a few fresh folders)
+
+def _sqlite_settings(db: str) -> str:
+    """``journal_mode`` of a registry file, as a new connection sees it."""
+    import sqlite3
+
+    con = sqlite3.connect(db)
+    try:
+        return f"journal_mode={con.execute('PRAGMA journal_mode').fetchone()[0]}"
+    finally:
+        con.close()
+
+
+def _raw_query_floor(db: str, repeat: int) -> tuple[float, int]:
+    """Median time for plain sqlite3 to fetch our where-query rows: SQLite's share, the floor.
+
+    The same statement our registry sends (every dataset column the refs need, the where
+    clause, the dataset type and run), fetched as tuples with nothing built from them.
+    """
+    import sqlite3
+
+    con = sqlite3.connect(db)
+    try:
+        type_id = con.execute("SELECT id FROM dataset_type WHERE name = 'bench_dict'").fetchone()[0]
+        run_id = con.execute("SELECT id FROM collection WHERE name = ?", (RUN,)).fetchone()[0]
+        sql = (
+            "SELECT id, path, instrument, band, physical_filter, visit, detector, run_id FROM dataset "
+            "WHERE dataset_type_id = ? AND instrument = ? AND visit > ? AND detector = ? AND run_id IN (?)"
+        )
+        times, count = [], -1
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            count = len(con.execute(sql, (type_id, INSTRUMENT, 100, 5, run_id)).fetchall())
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times), count
+    finally:
+        con.close()
+
+
+def run_side(side: Any, n: dict[str, int], tmp: str, sections: tuple[str, ...] = SECTIONS) -> dict[str, Any]:
+    """Every measurement for one side (or the given sections of them); times in seconds."""
+    out: dict[str, Any] = {"version": side.version(), "durability_note": side.durability_note}
+    tag = side.label
+    if "create" in sections:
+        _measure_create(side, n, tmp, out)
+    if "putget" in sections or "query" in sections:
+        _measure_datasets(side, n, tmp, out, sections)
+    if "putget" in sections and side.create_power is not None:
+        _measure_power_puts(side, n, tmp, out)
+    if "overlap" in sections:
+        _measure_overlap(side, n, tmp, out)
+    if "cold" in sections:
+        out["help"] = _cold_start(side.help_code, n["cold_repeat"])
+        out["import"] = _cold_start(side.import_code, n["cold_repeat"])
+        out["help_label"], out["import_label"] = side.help_label, side.import_label
+        _progress(tag, f"--help {out['help'] * 1e3:.0f} ms, import {out['import'] * 1e3:.0f} ms")
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
+
+
+def _measure_create(side: Any, n: dict[str, int], tmp: str, out: dict[str, Any]) -> None:
+    """Repo create, median over fresh folders."""
     creates = []
     for k in range(n["create_repeat"]):
         elapsed, _ = _timed(lambda k=k: side.create(os.path.join(tmp, f"create{k}")))
         creates.append(elapsed)
     out["create"] = statistics.median(creates)
-    _progress(tag, f"repo create {out['create'] * 1e3:.1f} ms")
+    _progress(side.label, f"repo create {out['create'] * 1e3:.1f} ms")
 
-    # dataset repository
+
+def _measure_datasets(side: Any, n: dict[str, int], tmp: str, out: dict[str, Any], sections: tuple[str, ...]) -> None:
+    """Put/get latency, put throughput and the where query at two sizes, in one repository."""
+    tag = side.label
     repo = os.path.join(tmp, "datasets")
     side.create(repo)
     b = side.open(repo)
@@ -360,7 +443,26 @@ def run_side(side: Any, n: dict[str, int], tmp: str) -> dict[str, Any]:
     side.register(b, "latency")
     side.register(b, "bench_dict")
 
-    # 2. put / get latency by data ID
+    out["registry_settings"] = _sqlite_settings(os.path.join(repo, side.registry_file))
+    if "putget" in sections:
+        _put_get_latency(side, b, n, out)
+    # Put throughput: also the setup of the query rows.
+    thr_ids = [(1 + i // N_DETECTORS, i % N_DETECTORS) for i in range(n["throughput"])]
+
+    def put_all() -> None:
+        for k, (v, d) in enumerate(thr_ids):
+            side.put(b, {"a": k}, "bench_dict", v, d)
+
+    elapsed, _ = _timed(put_all)
+    out["put_rate"] = len(thr_ids) / elapsed
+    _progress(tag, f"{out['put_rate']:.0f} puts/s over {len(thr_ids)} puts")
+    if "query" in sections:
+        _where_queries(side, b, n, out, thr_ids, os.path.join(repo, side.registry_file))
+    side.close(b)
+
+
+def _put_get_latency(side: Any, b: Any, n: dict[str, int], out: dict[str, Any]) -> None:
+    tag = side.label
     lat_ids = [(1 + i // N_DETECTORS, i % N_DETECTORS) for i in range(n["latency"])]
     puts, gets = [], []
     for k, (v, d) in enumerate(lat_ids):
@@ -376,18 +478,31 @@ def run_side(side: Any, n: dict[str, int], tmp: str) -> dict[str, Any]:
     out["put"], out["get"] = statistics.median(puts), statistics.median(gets)
     _progress(tag, f"put {out['put'] * 1e3:.2f} ms, get {out['get'] * 1e3:.2f} ms (medians of {len(puts)})")
 
-    # 3. put throughput
-    thr_ids = [(1 + i // N_DETECTORS, i % N_DETECTORS) for i in range(n["throughput"])]
 
-    def put_all() -> None:
-        for k, (v, d) in enumerate(thr_ids):
-            side.put(b, {"a": k}, "bench_dict", v, d)
+def _measure_power_puts(side: Any, n: dict[str, int], tmp: str, out: dict[str, Any]) -> None:
+    """Put latency and throughput in a repository whose puts are durable across power loss."""
+    repo = os.path.join(tmp, "power")
+    side.create_power(repo)
+    b = side.open(repo)
+    side.insert_base(b, N_DETECTORS, [(v, None) for v in range(1, n["latency"] // N_DETECTORS + 2)])
+    side.register(b, "latency")
+    times = []
+    t_all = time.perf_counter()
+    for k in range(n["latency"]):
+        t0 = time.perf_counter()
+        side.put(b, {"a": 1, "k": k}, "latency", 1 + k // N_DETECTORS, k % N_DETECTORS)
+        times.append(time.perf_counter() - t0)
+    out["put_power_rate"] = len(times) / (time.perf_counter() - t_all)
+    out["put_power"] = statistics.median(times)
+    side.close(b)
+    _progress(side.label, f"durable put {out['put_power'] * 1e3:.2f} ms, {out['put_power_rate']:.0f} puts/s")
 
-    elapsed, _ = _timed(put_all)
-    out["put_rate"] = len(thr_ids) / elapsed
-    _progress(tag, f"{out['put_rate']:.0f} puts/s over {len(thr_ids)} puts")
 
-    # 4. where query at 4k and 40k datasets
+def _where_queries(
+    side: Any, b: Any, n: dict[str, int], out: dict[str, Any], thr_ids: list[tuple[int, int]], db: str
+) -> None:
+    tag = side.label
+
     def query_median() -> tuple[float, int]:
         times, count = [], -1
         for _ in range(n["query_repeat"]):
@@ -403,14 +518,18 @@ def run_side(side: Any, n: dict[str, int], tmp: str) -> dict[str, Any]:
     out["bulk_note"] = side.bulk_note
     out["query_big"], out["query_big_rows"] = query_median()
     out["query_big_n"] = len(thr_ids) + len(big_ids)
+    if side.label == "ours":
+        out["query_floor"], out["query_floor_rows"] = _raw_query_floor(db, n["query_repeat"])
     _progress(
         tag,
         f"where query {out['query_small'] * 1e3:.1f} ms at {out['query_small_n']}, "
         f"{out['query_big'] * 1e3:.1f} ms at {out['query_big_n']} (bulk fill {out['bulk_fill']:.1f} s)",
     )
-    side.close(b)
 
-    # 5. visit x detector x patch overlap
+
+def _measure_overlap(side: Any, n: dict[str, int], tmp: str, out: dict[str, Any]) -> None:
+    """Fill the overlap repository, then time the visit x detector x patch query."""
+    tag = side.label
     geom = overlap_geometry(n["overlap_visits"])
     repo = os.path.join(tmp, "overlap")
     side.create(repo)
@@ -430,16 +549,8 @@ def run_side(side: Any, n: dict[str, int], tmp: str) -> dict[str, Any]:
     side.close(b)
     _progress(tag, f"overlap query {out['overlap'] * 1e3:.0f} ms, {rows} rows")
 
-    # 6. cold starts
-    out["help"] = _cold_start(side.help_code, n["cold_repeat"])
-    out["import"] = _cold_start(side.import_code, n["cold_repeat"])
-    out["help_label"], out["import_label"] = side.help_label, side.import_label
-    _progress(tag, f"--help {out['help'] * 1e3:.0f} ms, import {out['import'] * 1e3:.0f} ms")
-    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return out
 
-
-def side_main(which: str, quick: bool, out_path: str) -> int:
+def side_main(which: str, quick: bool, out_path: str, sections: tuple[str, ...] = SECTIONS) -> int:
     """Child process: measure one side and write its results as JSON."""
     result: dict[str, Any]
     try:
@@ -449,7 +560,7 @@ def side_main(which: str, quick: bool, out_path: str) -> int:
     else:
         tmp = tempfile.mkdtemp(prefix=f"bench_butler_{which}_")
         try:
-            result = run_side(side, sizes(quick), tmp)
+            result = run_side(side, sizes(quick), tmp, sections)
         except Exception:  # report, do not hide: the parent prints it
             result = {"error": traceback.format_exc()}
         finally:
@@ -483,18 +594,36 @@ def print_table(ours: dict[str, Any], lsst: dict[str, Any] | None, n: dict[str, 
         ratio = f"{b / a:.1f}x" if a and b else "-"
         rows.append((label, _fmt_time(a), _fmt_time(b) if have else "skipped", ratio))
 
+    def rate_row(label: str, our_key: str, lsst_key: str) -> None:
+        a, b = get(ours, our_key), get(lsst, lsst_key)
+        rows.append((
+            label,
+            f"{a:.0f}/s" if a else "-",
+            (f"{b:.0f}/s" if b else "-") if have else "skipped",
+            f"{a / b:.1f}x" if a and b else "-",
+        ))
+
     time_row("repo create (median of %d)" % n["create_repeat"], "create")
     time_row(f"put small dict, latency (median of {n['latency']})", "put")
-    time_row(f"get by data ID, latency (median of {n['latency']})", "get")
-    a, b = get(ours, "put_rate"), get(lsst, "put_rate")
+    a, b = get(ours, "put_power"), get(lsst, "put")
     rows.append((
-        f"put throughput, {n['throughput']} puts (datasets/s)",
-        f"{a:.0f}/s" if a else "-",
-        (f"{b:.0f}/s" if b else "-") if have else "skipped",
-        f"{a / b:.1f}x" if a and b else "-",
+        f"  same, ours durability='power' (vs LSST's only level)",
+        _fmt_time(a),
+        _fmt_time(b) if have else "skipped",
+        f"{b / a:.1f}x" if a and b else "-",
     ))
+    time_row(f"get by data ID, latency (median of {n['latency']})", "get")
+    rate_row(f"put throughput, {n['throughput']} puts (datasets/s)", "put_rate", "put_rate")
+    rate_row(f"  same, ours durability='power' ({n['latency']} puts)", "put_power_rate", "put_rate")
     time_row(f"query_datasets '{WHERE}' @ {get(ours, 'query_small_n')} (median of {n['query_repeat']})", "query_small")
     time_row(f"query_datasets '{WHERE}' @ {get(ours, 'query_big_n')} (median of {n['query_repeat']})", "query_big")
+    a, b = get(ours, "query_floor"), get(lsst, "query_big")
+    rows.append((
+        f"  floor: plain sqlite3 fetching ours' {get(ours, 'query_floor_rows')} rows, nothing built",
+        _fmt_time(a),
+        _fmt_time(b) if have else "skipped",
+        f"{b / a:.1f}x" if a and b else "-",
+    ))
     time_row(f"visit x detector x patch overlap query (median of {n['overlap_repeat']})", "overlap")
     time_row(f"`butler --help` cold start (best of {n['cold_repeat']})", "help")
     time_row(f"import the Butler class, cold (best of {n['cold_repeat']})", "import")
@@ -505,12 +634,8 @@ def print_table(ours: dict[str, Any], lsst: dict[str, Any] | None, n: dict[str, 
         (f"{b:.0f} MB" if b else "-") if have else "skipped",
         f"{b / a:.1f}x" if a and b else "-",
     ))
-    rows.append((f"(fill) {get(ours, 'bulk_n')} registry-only dataset rows, bulk", _fmt_time(get(ours, "bulk_fill")),
-                 _fmt_time(get(lsst, "bulk_fill")) if have else "skipped",
-                 f"{get(lsst, 'bulk_fill') / get(ours, 'bulk_fill'):.1f}x" if have and get(lsst, "bulk_fill") else "-"))
-    rows.append(("(fill) overlap repo dimension records + regions", _fmt_time(get(ours, "overlap_fill")),
-                 _fmt_time(get(lsst, "overlap_fill")) if have else "skipped",
-                 f"{get(lsst, 'overlap_fill') / get(ours, 'overlap_fill'):.1f}x" if have and get(lsst, "overlap_fill") else "-"))
+    time_row(f"(fill) {get(ours, 'bulk_n')} registry-only dataset rows, bulk", "bulk_fill")
+    time_row("(fill) overlap repo dimension records + regions", "overlap_fill")
 
     header = ("operation", "ours", "LSST", "LSST/ours")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
@@ -526,11 +651,21 @@ def print_table(ours: dict[str, Any], lsst: dict[str, Any] | None, n: dict[str, 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke run (numbers not comparable)")
+    parser.add_argument(
+        "--only",
+        default=",".join(SECTIONS),
+        help=f"comma-separated sections to run, of {', '.join(SECTIONS)} (default: all); 'query' also "
+        "runs the put-throughput puts it queries, 'putget' adds the durable-put rows",
+    )
     parser.add_argument("--side", choices=["ours", "lsst"], help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    sections = tuple(part.strip() for part in args.only.split(",") if part.strip())
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown:
+        parser.error(f"unknown section(s) {unknown}; choose from {', '.join(SECTIONS)}")
     if args.side:
-        return side_main(args.side, args.quick, args.out)
+        return side_main(args.side, args.quick, args.out, sections)
 
     n = sizes(args.quick)
     print("bench_butler: our butler vs lsst-daf-butler, same operations, one run" + (" (--quick)" if args.quick else ""))
@@ -541,7 +676,8 @@ def main(argv: list[str] | None = None) -> int:
             out = os.path.join(tmp, f"{which}.json")
             print(f"running {which} ...", flush=True)
             t0 = time.perf_counter()
-            proc = subprocess.run([sys.executable, __file__, "--side", which, "--out", out] + (["--quick"] if args.quick else []))
+            command = [sys.executable, __file__, "--side", which, "--out", out, "--only", ",".join(sections)]
+            proc = subprocess.run(command + (["--quick"] if args.quick else []))
             if proc.returncode != 0 or not os.path.exists(out):
                 results[which] = {"error": f"side process exited {proc.returncode}"}
             else:
@@ -567,28 +703,34 @@ def main(argv: list[str] | None = None) -> int:
     print("ratio = LSST time / our time (for puts/s: our rate / LSST rate): > 1 means ours is faster.")
     print()
     print("how the datasets were made:")
-    for side in (ours, lsst_res):
-        if side is None:
-            continue
-        label = "ours" if side is ours else "LSST"
+    sides = [("ours", ours)] + ([("LSST", lsst_res)] if lsst_res else [])
+    for label, side in sides:
+        if "bulk_n" in side:
+            print(
+                f"  {label}: {n['latency']} + {n['throughput']} real puts (files + registry rows); then "
+                f"{side['bulk_n']} rows for visits beyond {n['throughput'] // N_DETECTORS} via {side['bulk_note']} "
+                f"in {_fmt_time(side['bulk_fill'])}"
+            )
+    for label, side in sides:
+        if "registry_settings" in side:
+            print(f"  durability, {label}: {side['durability_note']} (registry file: {side['registry_settings']})")
+    if "query_big_rows" in ours:
         print(
-            f"  {label}: {n['latency']} + {n['throughput']} real puts (files + registry rows); then "
-            f"{side['bulk_n']} rows for visits beyond {n['throughput'] // N_DETECTORS} via {side['bulk_note']} "
-            f"in {_fmt_time(side['bulk_fill'])}"
+            f"  where-query result rows: ours {ours['query_small_rows']} / {ours['query_big_rows']}"
+            + (f", LSST {lsst_res['query_small_rows']} / {lsst_res['query_big_rows']}" if lsst_res else "")
+            + f" (at {ours['query_small_n']} / {ours['query_big_n']} datasets of the queried type; "
+            f"the repo also holds {n['latency']} 'latency' datasets when putget runs)"
         )
-    print(
-        f"  where-query result rows: ours {ours['query_small_rows']} / {ours['query_big_rows']}"
-        + (f", LSST {lsst_res['query_small_rows']} / {lsst_res['query_big_rows']}" if lsst_res else "")
-        + f" (at {ours['query_small_n']} / {ours['query_big_n']} datasets of the queried type; "
-        f"the repo also holds {n['latency']} 'latency' datasets)"
-    )
-    vdr, patches = ours["overlap_inputs"]
-    print(
-        f"  overlap query: {vdr} visit-detector regions x {patches} patch regions; rows: ours {ours['overlap_rows']}"
-        + (f", LSST {lsst_res['overlap_rows']}" if lsst_res else "")
-    )
-    print(f"  cold starts: ours {ours['help_label']}, `{ours['import_label']}`" + (
-        f"; LSST {lsst_res['help_label']}, `{lsst_res['import_label']}` (python -c, same interpreter)" if lsst_res else ""))
+    if "overlap_inputs" in ours:
+        vdr, patches = ours["overlap_inputs"]
+        print(
+            f"  overlap query: {vdr} visit-detector regions x {patches} patch regions; rows: ours {ours['overlap_rows']}"
+            + (f", LSST {lsst_res['overlap_rows']}" if lsst_res else "")
+        )
+    if "help_label" in ours:
+        print(f"  cold starts: ours {ours['help_label']}, `{ours['import_label']}`" + (
+            f"; LSST {lsst_res['help_label']}, `{lsst_res['import_label']}` (python -c, same interpreter)"
+            if lsst_res else ""))
     for note in notes:
         print(note)
     return 0

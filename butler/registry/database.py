@@ -9,14 +9,14 @@ transactions use ``BEGIN IMMEDIATE``: a plain deferred BEGIN that later writes c
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-__all__ = ["make_engine", "write_transaction", "read_connection", "insert_or_ignore"]
+__all__ = ["make_engine", "write_transaction", "read_connection", "insert_or_ignore", "insert_many", "fetch_rows"]
 
 _BUSY_TIMEOUT_MS = 30_000
 
@@ -83,3 +83,37 @@ def read_connection(engine: Engine) -> Iterator[Connection]:
 def insert_or_ignore(table: sa.Table) -> Any:
     """An INSERT that skips rows whose primary key or unique constraint already exists."""
     return table.insert().prefix_with("OR IGNORE", dialect="sqlite").prefix_with("", dialect="postgresql")
+
+
+def insert_many(conn: Connection, table: sa.Table, columns: Sequence[str], rows: Sequence[tuple]) -> None:
+    """Insert rows given as tuples of ``columns`` values, in the connection's transaction.
+
+    On SQLite the compiled INSERT goes straight to the driver's ``executemany``: SQLAlchemy's
+    per-row parameter processing cost ~8 us a row (measured on 48k HEALPix index rows), several
+    times SQLite's own insert.  The values are still bound parameters.
+    """
+    if not rows:
+        return
+    statement = table.insert().values({c: sa.bindparam(c) for c in columns})
+    if is_sqlite(conn.engine):
+        compiled = statement.compile(dialect=conn.dialect, column_keys=list(columns))
+        order = [compiled.positiontup.index(c) for c in columns] if compiled.positiontup else []
+        if order == list(range(len(columns))):
+            conn.exec_driver_sql(str(compiled), list(rows))
+            return
+    conn.execute(statement, [dict(zip(columns, row, strict=True)) for row in rows])
+
+
+def fetch_rows(conn: Connection, statement: Any) -> list[tuple]:
+    """All rows of a SELECT as plain tuples.
+
+    On SQLite the statement is compiled once and run through the driver cursor, which returns
+    tuples without SQLAlchemy's per-row Row objects (~3x faster to fetch tens of thousands of
+    rows, measured on the spatial index tables).  Parameters stay bound.
+    """
+    if not is_sqlite(conn.engine):
+        return [tuple(row) for row in conn.execute(statement)]
+    compiled = statement.compile(dialect=conn.dialect, compile_kwargs={"render_postcompile": True})
+    params = compiled.construct_params()
+    values = tuple(params[name] for name in compiled.positiontup) if compiled.positiontup else ()
+    return conn.exec_driver_sql(str(compiled), values).cursor.fetchall()

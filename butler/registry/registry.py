@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
@@ -33,9 +33,12 @@ from ..errors import (
     MissingDatasetTypeError,
 )
 from ..refs import DatasetRef, DatasetType, data_id_key
-from .database import insert_or_ignore, make_engine, read_connection, write_transaction
+from .database import fetch_rows, insert_many, insert_or_ignore, make_engine, read_connection, write_transaction
 from .schema import COLLECTION_TYPES, SCHEMA_VERSION, RegistryTables, build_tables
 from .where import WhereCompiler
+
+if TYPE_CHECKING:
+    from ..regions import SkyRegion
 
 __all__ = ["Registry", "CollectionInfo"]
 
@@ -371,10 +374,9 @@ class Registry:
             if new_rows:
                 conn.execute(table.insert(), new_rows)
                 if hpx_table is not None:
-                    new_keys = {tuple(r[k] for k in keys) for r in new_rows}
-                    hpx_new = [h for h in hpx_rows if tuple(h[k] for k in keys) in new_keys]
+                    hpx_new = [h for h in hpx_rows if h[:-1] not in existing] if existing else hpx_rows
                     if hpx_new:
-                        conn.execute(hpx_table.insert(), hpx_new)
+                        insert_many(conn, hpx_table, [*keys, "pix"], hpx_new)
         self._expanded.clear()
         return len(new_rows)
 
@@ -393,7 +395,8 @@ class Registry:
 
     def _record_rows(
         self, element: str, records: Iterable[Mapping[str, Any]]
-    ) -> tuple[list[dict], list[dict], sa.Table, sa.Table | None]:
+    ) -> tuple[list[dict], list[tuple], sa.Table, sa.Table | None]:
+        """Rows of the element's table, and ``(*keys, pix)`` rows of its HEALPix index."""
         u = self.universe
         if element in u.dimensions:
             dim = u[element]
@@ -413,7 +416,8 @@ class Registry:
             )
         hpx_table = self.tables.hpx.get(element)
         rows: list[dict] = []
-        hpx_rows: list[dict] = []
+        regions: list[SkyRegion] = []
+        region_keys: list[tuple] = []
         for record in records:
             rec = dict(record)
             if own_key is not None and own_key in rec and own_key != element:
@@ -450,11 +454,18 @@ class Registry:
 
                     sky_region = as_region(region)
                     row["region"] = json.dumps(sky_region.to_dict())
-                    keys = {k: row[k] for k in required}
-                    hpx_rows.extend({**keys, "pix": int(p)} for p in sky_region.healpix_pixels(u.healpix_nside))
+                    regions.append(sky_region)
+                    region_keys.append(tuple(row[k] for k in required))
             elif region is not None:
                 raise DataIdError(f"{element} is not spatial; it takes no region")
             rows.append(row)
+        hpx_rows: list[tuple] = []
+        if regions:
+            from ..regions import healpix_cover
+
+            # One HEALPix cover for all the regions: one by one it cost more than the rest of the insert.
+            owner, pixels = healpix_cover(regions, u.healpix_nside)
+            hpx_rows = [(*region_keys[i], p) for i, p in zip(owner.tolist(), pixels.tolist(), strict=True)]
         return rows, hpx_rows, table, hpx_table
 
     def query_dimension_records(
@@ -717,9 +728,9 @@ class Registry:
         joins: dict[str, sa.Table] = {}
         if where:
             conditions.append(self._where.compile_for_datasets(where, bind, dt, d, joins))
-        # Required dimensions first so that row[3 : 3 + n_required] identifies the data ID.
-        ordered_dims = [*dt.dimensions, *(k for k in dims if k not in dt.dimensions)]
-        columns = [d.c.id, d.c.path, *(d.c[k] for k in ordered_dims)]
+        # Columns: id, path, the data ID in canonical order, run id (and collection id for tags).
+        columns = [d.c.id, d.c.path, *(d.c[k] for k in dims)]
+        width = 2 + len(dims)
 
         def select(*extra: Any) -> Any:
             query = sa.select(*columns, *extra).select_from(d)
@@ -728,34 +739,54 @@ class Registry:
                 query = query.join(table, sa.and_(*(table.c[k] == d.c[k] for k in keys)))
             return query.where(*conditions)
 
-        rows: list[tuple[int, tuple]] = []
+        # (collection rank, run id, row); a single RUN collection needs neither rank nor find-first.
+        rows: list[tuple[int, int, tuple]] = []
+        single_run = len(colls) == 1 and bool(run_ids)
         with read_connection(self.engine) as conn:
             if run_ids:
                 query = select(d.c.run_id).where(d.c.run_id.in_(run_ids))
                 if limit is not None and not find_first and not tag_ids:
                     query = query.limit(limit)
-                rows += [(rank[r[-1]], r[-1], tuple(r[:-1])) for r in conn.execute(query)]
+                fetched = fetch_rows(conn, query)
+                if single_run:
+                    rows = [(0, run_ids[0], r) for r in fetched]
+                else:
+                    rows += [(rank[r[width]], r[width], r) for r in fetched]
             if tag_ids:
                 tag = self.tables.dataset_tag
                 query = select(d.c.run_id, tag.c.collection_id).join_from(d, tag, tag.c.dataset_id == d.c.id)
                 query = query.where(tag.c.collection_id.in_(tag_ids))
-                rows += [(rank[r[-1]], r[-2], tuple(r[:-2])) for r in conn.execute(query)]
-        if find_first:
+                rows += [(rank[r[width + 1]], r[width], r) for r in fetch_rows(conn, query)]
+        # Positions of the required dimensions in a row: they identify the data ID.
+        key_positions = [2 + dims.index(k) for k in dt.dimensions]
+
+        def data_id_of(row: tuple) -> tuple:
+            return tuple(row[i] for i in key_positions)
+
+        if find_first and not single_run:
             best: dict[tuple, tuple[int, int, tuple]] = {}
             for item in rows:
-                key = item[2][2 : 2 + n_required]
+                key = data_id_of(item[2])
                 current = best.get(key)
                 if current is None or item[0] < current[0]:
                     best[key] = item
             rows = list(best.values())
-        rows.sort(key=lambda item: (item[0], item[2][2 : 2 + n_required]))
+        if single_run:
+            rows.sort(key=lambda item: data_id_of(item[2]))
+        else:
+            rows.sort(key=lambda item: (item[0], data_id_of(item[2])))
         if limit is not None:
             rows = rows[:limit]
         run_names = {run_id: self._run_name(run_id) for run_id in {item[1] for item in rows}}
+        make_ref = DatasetRef.from_registry
         refs = []
-        for _, run_id, values in rows:
-            did = {k: v for k, v in zip(ordered_dims, values[2:]) if v is not None}
-            refs.append(DatasetRef(dt, {k: did[k] for k in dims if k in did}, run_names[run_id], values[0], values[1]))
+        for _, run_id, row in rows:
+            values = row[2:width]
+            if None in values:  # an implied dimension without a value: leave it out
+                data_id = {k: v for k, v in zip(dims, values, strict=True) if v is not None}
+            else:
+                data_id = dict(zip(dims, values, strict=True))
+            refs.append(make_ref(dt, data_id, run_names[run_id], row[0], row[1]))
         return refs
 
     def find_dataset(

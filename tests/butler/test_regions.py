@@ -21,7 +21,7 @@ from spherical_geometry.polygon import SphericalPolygon
 
 from butler.errors import DataModelError
 from butler.geometry import Box
-from butler.regions import SkyRegion
+from butler.regions import SkyRegion, healpix_cover
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -384,16 +384,40 @@ def test_healpix_pixels_of_a_tiny_region_near_pixel_corners():
         assert got.size <= 12
 
 
-def test_astropy_cone_search_returns_every_pixel_whose_centre_is_in_the_cone():
-    # healpix_pixels relies on this (and only this) property of astropy-healpix's cone search
-    hp = HEALPix(64, order="nested")
+def test_healpix_cover_finds_every_qualifying_pixel_centre_and_matches_single_regions():
+    # The cover descends the nested hierarchy; compare with a scan of every pixel centre.
+    nside = 64
+    hp = HEALPix(nside, order="nested")
     lon, lat = hp.healpix_to_lonlat(np.arange(hp.npix))
     rng = np.random.default_rng(7)
-    for _ in range(10):
-        ra0, dec0, radius = rng.uniform(0, 360), rng.uniform(-89, 89), rng.uniform(0.2, 5.0)
-        found = hp.cone_search_lonlat(ra0 * u.deg, dec0 * u.deg, radius * u.deg)
-        sep = _separation_deg(ra0, dec0, lon.deg, lat.deg)
-        assert np.all(np.isin(np.flatnonzero(sep <= radius), found))
+    regions = []
+    for _ in range(12):
+        wcs = tan_wcs(rng.uniform(0, 360), rng.uniform(-89, 89), scale_arcsec=float(rng.uniform(0.5, 20.0)))
+        poly = random_convex(rng, (0.0, 0.0), 1500.0, n=int(rng.integers(3, 7)))
+        if rng.uniform() < 0.3:
+            poly = random_star(rng, (0.0, 0.0), 1500.0, 7)
+        regions.append(region_from_plane(wcs, poly))
+    owner, pixels = healpix_cover(regions, nside)
+    pad = 1.1 * hp.pixel_resolution.to_value(u.rad)
+    centres = np.stack([np.cos(lat.rad) * np.cos(lon.rad), np.cos(lat.rad) * np.sin(lon.rad), np.sin(lat.rad)], axis=1)
+    for k, region in enumerate(regions):
+        ra, dec, radius = region.bounding_circle()
+        expected = np.flatnonzero(_separation_deg(ra, dec, lon.deg, lat.deg) <= radius + np.degrees(pad) - 1e-9)
+        if region.is_convex:
+            normals = region._normals
+            expected = expected[np.all(centres[expected] @ normals.T >= -np.sin(pad), axis=1)]
+        got = pixels[owner == k]
+        assert np.all(np.isin(expected, got)), f"region {k}: missed {np.setdiff1d(expected, got)}"
+        assert np.array_equal(got, region.healpix_pixels(nside))
+        assert np.array_equal(np.sort(hp_ring(got, nside)), region.healpix_pixels(nside, order="ring"))
+    empty_owner, empty_pixels = healpix_cover([], nside)
+    assert empty_owner.size == 0 and empty_pixels.size == 0
+
+
+def hp_ring(nested: np.ndarray, nside: int) -> np.ndarray:
+    from astropy_healpix.core import nested_to_ring
+
+    return np.asarray(nested_to_ring(nested, nside), dtype=np.int64)
 
 
 def test_healpix_pixels_rejects_bad_arguments():

@@ -106,6 +106,12 @@ def test_spatial_join_matches_brute_force(butler):
     assert {d["patch"] for d in one} == {p for v, det, p in expected if (v, det) == (103, 2)}
     reverse = butler.query_data_ids(["visit", "detector"], where="patch = 5 AND tract = 0 AND skymap = 'sky'")
     assert {(d["visit"], d["detector"]) for d in reverse} == {(v, det) for v, det, p in expected if p == 5}
+    keys = ["instrument", "visit", "detector", "skymap", "tract", "patch"]
+    assert [tuple(d[k] for k in keys) for d in got] == sorted(tuple(d[k] for k in keys) for d in got)
+    # Fixed leading keys (integer keys numbered with numpy), and a fixed key that does not lead.
+    assert butler.query_data_ids(["visit", "detector", "patch"], instrument=INSTRUMENT, skymap="sky") == got
+    fixed = butler.query_data_ids(["visit", "detector", "patch"], instrument=INSTRUMENT, detector=2)
+    assert fixed == [d for d in got if d["detector"] == 2]
 
 
 def test_query_data_ids_with_records_and_implied(butler):
