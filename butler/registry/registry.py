@@ -93,7 +93,8 @@ class Registry:
         engine = make_engine(db)
         registry = cls(engine, universe)
         with write_transaction(engine) as conn:
-            registry.tables.metadata.create_all(conn)
+            # A new database: no need to ask SQLite whether each table exists first.
+            registry.tables.metadata.create_all(conn, checkfirst=False)
             conn.execute(
                 registry.tables.attributes.insert(),
                 [
