@@ -614,7 +614,7 @@ def _moments(
     half = int(math.ceil(3.0 * sigma)) + 2
     ix = np.rint(x).astype(np.int64)
     iy = np.rint(y).astype(np.int64)
-    stamps = _gather(np.nan_to_num(image), ix, iy, half).astype(np.float64) * sign[:, None, None]
+    stamps = np.nan_to_num(_gather(image, ix, iy, half).astype(np.float64)) * sign[:, None, None]
     grid = np.arange(-half, half + 1, dtype=np.float64)
     dx = grid[None, None, :] + (ix - x)[:, None, None]
     dy = grid[None, :, None] + (iy - y)[:, None, None]
