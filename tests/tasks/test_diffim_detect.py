@@ -166,6 +166,30 @@ def test_sources_on_bad_pixels_are_flagged_and_removed() -> None:
     assert np.any(np.hypot(kept["x"] - 320, kept["y"] - 400) < 2)  # the CR-flagged one stays
 
 
+def test_sources_on_interpolated_pixels_are_removed() -> None:
+    """pixelFlags_interpolatedCenterAll: every centre pixel interpolated (a repaired cosmic ray), not one of them."""
+    err = _point_source_sigma()
+    diff = _difference(xs=[100.0, 300.0], ys=[100.0, 300.0], fluxes=[30 * err] * 2, seed=6)
+    intrp = np.zeros(diff.shape, bool)
+    intrp[98:103, 97:104] = True  # the whole centre of the first source
+    intrp[300, 301] = True  # one pixel next to the second
+    diff.set_mask("INTRP", intrp)
+    keep_cfg = DetectAndMeasureConfig()
+    keep_cfg.doRemoveBadSources = False
+    cat = DetectAndMeasureTask(config=keep_cfg).run(None, None, diff).diaSources
+    assert len(cat) == 2
+    flags = {round(float(x)): bool(f) for x, f in zip(cat["x"], cat["pixelFlags_interpolatedCenterAll"], strict=True)}
+    assert flags == {100: True, 300: False}
+    assert np.all(cat["pixelFlags_interpolated"])
+    assert len(DetectAndMeasureTask().run(None, None, diff).diaSources) == 2  # not removed by default
+    cfg = DetectAndMeasureConfig()
+    cfg.badSourceFlags = [*cfg.badSourceFlags, "pixelFlags_interpolatedCenterAll"]
+    task = DetectAndMeasureTask(config=cfg)
+    kept = task.run(None, None, diff).diaSources
+    assert len(kept) == 1 and abs(kept["x"][0] - 300) < 1
+    assert task.metadata["nRemoved"]["pixelFlags_interpolatedCenterAll"] == 1
+
+
 def test_masks_and_score_image() -> None:
     err = _point_source_sigma()
     diff = _difference(xs=[100.0, 300.0], ys=[100.0, 300.0], fluxes=[20 * err, -20 * err], seed=4)
