@@ -50,6 +50,8 @@ __all__ = [
     "transient_recovery",
     "expected_difference_snr",
     "residual_statistics",
+    "clean_around",
+    "UNUSABLE_PLANES",
 ]
 
 
@@ -401,7 +403,7 @@ def _changing_sources(pair: SimulatedPair) -> tuple[np.ndarray, np.ndarray]:
     return np.abs(delta_njy) > 0, delta_njy
 
 
-def _clean_around(
+def clean_around(
     exposure: Exposure, x: np.ndarray, y: np.ndarray, planes: tuple[str, ...], radius: int
 ) -> np.ndarray:
     """True where no pixel within ``radius`` (a square) of the parent positions has a bit of ``planes``."""
@@ -422,7 +424,7 @@ def _clean_around(
 
 
 #: Mask planes that keep a transient out of the completeness sample (LSST's bad-source flags).
-_UNUSABLE_PLANES = ("SAT", "BAD", "NO_DATA", "EDGE")
+UNUSABLE_PLANES = ("SAT", "BAD", "NO_DATA", "EDGE")
 
 
 def transient_recovery(
@@ -507,9 +509,9 @@ def transient_recovery(
         for k, hits in zip(idx, neighbours, strict=True):
             blended[k] = len(hits) > 1
     eligible = changing & (np.asarray(tt["sourceType"]) == "transient") & ~blended & np.isfinite(snr)
-    eligible &= _clean_around(difference, tx, ty, _UNUSABLE_PLANES, mask_radius)
+    eligible &= clean_around(difference, tx, ty, UNUSABLE_PLANES, mask_radius)
     if reference is not None:
-        eligible &= _clean_around(reference, tx, ty, _UNUSABLE_PLANES, mask_radius)
+        eligible &= clean_around(reference, tx, ty, UNUSABLE_PLANES, mask_radius)
     if "isSaturated" in tt.colnames:
         eligible &= ~np.asarray(tt["isSaturated"], dtype=bool)
 

@@ -29,7 +29,8 @@ def _pick_spread(order: np.ndarray, n: int) -> np.ndarray:
 def plot_gallery(recovery: TransientRecovery, path: Path, n_per_row: int = 8) -> Path:
     """Difference-image cutouts of recovered (top row, green) and missed (bottom row, red) transients.
 
-    Recovered ones are spread over their S/N range; missed ones are the highest-S/N misses.
+    Recovered ones are spread over their S/N range; missed ones are the highest-S/N misses on clean
+    pixels (transients on SAT/BAD/NO_DATA/EDGE pixels are flagged, not reported, by design).
     """
     t = recovery.transients
     snr = np.asarray(t["expectedSnr"], dtype=float)
@@ -37,7 +38,7 @@ def plot_gallery(recovery: TransientRecovery, path: Path, n_per_row: int = 8) ->
     finite = np.isfinite(snr)
     hits = np.flatnonzero(found & finite)
     hits = _pick_spread(hits[np.argsort(snr[hits])], n_per_row)
-    misses = np.flatnonzero(~found & finite)
+    misses = np.flatnonzero(~found & finite & np.asarray(t["onCleanPixels"], dtype=bool))
     misses = misses[np.argsort(-snr[misses])][:n_per_row]
     fig = Figure(figsize=(1.6 * n_per_row, 4.4))
     axes = fig.subplots(2, n_per_row, squeeze=False)

@@ -30,7 +30,7 @@ from scipy.spatial import cKDTree
 
 from butler.butler import Butler
 from butler.exposure import Exposure
-from tasks.diffim.testing import expected_difference_snr
+from tasks.diffim.testing import UNUSABLE_PLANES, clean_around, expected_difference_snr
 
 __all__ = [
     "TransientRecovery",
@@ -56,7 +56,9 @@ class TransientRecovery:
     ----------
     transients : Table
         One row per active transient per visit-detector: ``visit``, ``detector``, ``id``, ``x``,
-        ``y``, ``trueFlux`` (nJy), ``expectedSnr`` (on the difference), ``found``,
+        ``y``, ``trueFlux`` (nJy), ``expectedSnr`` (on the difference), ``onCleanPixels`` (no
+        SAT/BAD/NO_DATA/EDGE pixel within 1 px: sources there are flagged and not reported by
+        design, so completeness counts only these), ``found``,
         ``psfFlux``/``psfFluxErr`` of the matched DIA source (NaN when missed), ``separation_px``.
     n_dia_sources, false_positives : int
         DIA sources in all, and those matching no changing (transient or variable) truth source.
@@ -73,16 +75,16 @@ class TransientRecovery:
     data_ids: list[dict[str, Any]]
 
     def completeness(self, snr_min: float, snr_max: float = math.inf) -> tuple[float, int]:
-        """Fraction of transients found with ``snr_min <= expectedSnr < snr_max``, and their number."""
+        """Fraction found of the transients on clean pixels with ``snr_min <= expectedSnr < snr_max``, and their number."""
         snr = np.asarray(self.transients["expectedSnr"], dtype=float)
-        sel = (snr >= snr_min) & (snr < snr_max)
+        sel = (snr >= snr_min) & (snr < snr_max) & np.asarray(self.transients["onCleanPixels"], dtype=bool)
         n = int(sel.sum())
         return (float(np.mean(self.transients["found"][sel])) if n else math.nan), n
 
     def flux_ratio_median(self, snr_min: float = 10.0) -> float:
         """Median measured / true difference flux of found transients with S/N >= ``snr_min``."""
         t = self.transients
-        sel = np.asarray(t["found"]) & (np.asarray(t["expectedSnr"]) >= snr_min)
+        sel = np.asarray(t["found"]) & (np.asarray(t["expectedSnr"]) >= snr_min) & np.asarray(t["onCleanPixels"])
         return float(np.median(t["psfFlux"][sel] / t["trueFlux"][sel])) if sel.any() else math.nan
 
 
@@ -237,6 +239,7 @@ def transient_recovery(
                 "y": np.asarray(tt["y"]),
                 "trueFlux": np.asarray(tt["trueFlux"], dtype=float),
                 "expectedSnr": snr,
+                "onCleanPixels": clean_around(difference, np.asarray(tt["x"]), np.asarray(tt["y"]), UNUSABLE_PLANES, 1),
                 "found": found,
                 "psfFlux": flux,
                 "psfFluxErr": flux_err,
@@ -246,21 +249,26 @@ def transient_recovery(
         rows.append(table)
         for row in table:
             cutouts[(int(row["visit"]), int(row["detector"]), int(row["id"]))] = _cutout(difference, row["x"], row["y"])
-    transients = vstack(rows) if rows else Table(names=("visit", "detector", "id", "expectedSnr", "found"))
+    transients = (
+        vstack(rows, metadata_conflicts="silent")
+        if rows
+        else Table(names=("visit", "detector", "id", "expectedSnr", "onCleanPixels", "found"), dtype=(int, int, int, float, bool, bool))
+    )
     _log.info("%d transients over %d visit-detectors, %d DIA sources, %d unmatched", len(transients), len(refs), n_dia, false_pos)
     return TransientRecovery(transients, n_dia, false_pos, cutouts, data_ids)
 
 
 def completeness_curve(recovery: TransientRecovery, edges: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Completeness in bins of expected S/N.
+    """Completeness in bins of expected S/N (transients on clean pixels).
 
     Returns
     -------
     centres, completeness, counts : ndarray
         Bin centres (geometric), found fraction (NaN in empty bins) and transients per bin.
     """
-    snr = np.asarray(recovery.transients["expectedSnr"], dtype=float)
-    found = np.asarray(recovery.transients["found"], dtype=bool)
+    clean = np.asarray(recovery.transients["onCleanPixels"], dtype=bool)
+    snr = np.asarray(recovery.transients["expectedSnr"], dtype=float)[clean]
+    found = np.asarray(recovery.transients["found"], dtype=bool)[clean]
     counts, _ = np.histogram(snr, edges)
     hits, _ = np.histogram(snr[found], edges)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -271,7 +279,7 @@ def completeness_curve(recovery: TransientRecovery, edges: np.ndarray) -> tuple[
 # ----------------------------------------------------------------------------- forced photometry
 def _truth_sky(butler: Butler) -> Table:
     refs = _refs(butler, "truth_sky")
-    return vstack([butler.get(ref) for ref in refs]) if len(refs) > 1 else butler.get(refs[0])
+    return vstack([butler.get(ref) for ref in refs], metadata_conflicts="silent") if len(refs) > 1 else butler.get(refs[0])
 
 
 def _isolated(truth: Table, band: str, radius_arcsec: float, max_neighbour_ratio: float) -> np.ndarray:
@@ -342,7 +350,7 @@ def forced_coadd_accuracy(
                 }
             )
         )
-    matches = vstack(pieces) if pieces else Table(names=("trueFlux", "psfFlux", "psfFluxErr", "snr", "band"))
+    matches = vstack(pieces, metadata_conflicts="silent") if pieces else Table(names=("trueFlux", "psfFlux", "psfFluxErr", "snr", "band"))
     return ForcedCoaddAccuracy(matches)
 
 
@@ -378,8 +386,8 @@ def variable_light_curves(
     forced = [f for f in forced if len(f)]
     if not objects or not forced:
         raise LookupError(f"no diaObject / diaForcedSource in collections {butler.collections}")
-    dia_objects = vstack(objects)
-    forced_all = vstack(forced)
+    dia_objects = vstack(objects, metadata_conflicts="silent")
+    forced_all = vstack(forced, metadata_conflicts="silent")
     truth = _truth_sky(butler)
     var = truth[np.asarray(truth["sourceType"]) == "variable"]
     oc = SkyCoord(dia_objects["coord_ra"], dia_objects["coord_dec"], unit="deg")

@@ -139,6 +139,7 @@ def build_report(
         "visitDetectors": n_det,
         "diaSources": recovery.n_dia_sources,
         "transients": len(recovery.transients),
+        "transientsOnFlaggedPixels": int(np.sum(~np.asarray(recovery.transients["onCleanPixels"], dtype=bool))),
         "completenessSnr10": c_hi,
         "nSnr10": n_hi,
         "completenessSnr5to10": c_mid,
