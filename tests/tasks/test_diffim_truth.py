@@ -243,11 +243,6 @@ _SHAPE = (
     "S/N 10-500 constrain the spatial variation of all 27 basis coefficients, and the kernel's second "
     "moments there differ from the true kernel's by up to 2x"
 )
-#: Why the kernel sum and the background are biased (evidence in the xfail reasons below).
-_DEGENERACY = (
-    "the joint kernel + differential-background fit on a single-visit template biases the kernel sum low "
-    "and the background high by 1-6 counts (blank-sky mean of difference/sigma -0.01 to -0.07; true kernel 0.00)"
-)
 
 
 # ---------------------------------------------------------------------------------- the yardstick
@@ -316,15 +311,7 @@ def test_near_bright_star_normalized_residual(case: str) -> None:
 
 
 # ---------------------------------------------------------------------------------- kernel sum
-@pytest.mark.parametrize(
-    "case",
-    [
-        pytest.param("preset", marks=_xfail(f"2009/5: -1.39% (spatial order fell back to 0): {_DEGENERACY}")),
-        pytest.param("transients", marks=_xfail(f"2008/5: -2.45%, 2007/3 and 2007/4: -1.04%: {_DEGENERACY}")),
-        pytest.param("varying", marks=_xfail(f"2009/7: -1.39%: {_DEGENERACY}")),
-        pytest.param("narrow", marks=_xfail(f"2009/5: -2.53%: {_DEGENERACY}")),
-    ],
-)
+@pytest.mark.parametrize("case", ["preset", "transients", "varying", "narrow"])
 def test_kernel_sum_matches_the_photometric_scale(case: str) -> None:
     """The kernel sums to the true scale (template -> science counts, or the inverse) within 1%,
     at the centre and at the four corners."""
@@ -348,10 +335,6 @@ def test_completeness_at_snr_above_10(case: str) -> None:
     assert complete >= 0.95, f"{found}/{n}"
 
 
-@_xfail(
-    "63/75 = 84.0% against 67/75 = 89.3% with the true kernel; the 4 lost (S/N 5.1-6.7) are in pairs whose "
-    f"blank-sky mean is -0.03 to -0.07: {_DEGENERACY}"
-)
 def test_completeness_at_snr_5_to_10_matches_the_true_kernel() -> None:
     """At S/N 5-10 the completeness is within 2 points of the true kernel's (same transients, same noise)."""
     results = _default_seeing()
@@ -369,13 +352,7 @@ def test_psf_fluxes_are_unbiased(case: str) -> None:
     assert abs(ratio - 1.0) <= 0.02, f"median flux ratio {ratio:.4f} over {n} transients"
 
 
-_FP_REASON = (
-    "3 negative blank-sky false positives the true kernel does not detect (2008/3: S/N -5.1 and -5.0 where "
-    f"the true kernel has -4.9 and -4.7; 2007/4: -5.0 vs -4.8): {_DEGENERACY}"
-)
-
-
-@pytest.mark.parametrize("case", [pytest.param("default seeing", marks=_xfail(_FP_REASON)), "varying", "narrow"])
+@pytest.mark.parametrize("case", ["default seeing", "varying", "narrow"])
 def test_no_false_positives_on_blank_sky(case: str) -> None:
     """Every blank-sky DIA source without a changing source is a noise peak the true kernel shares.
 
