@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from astropy.table import vstack
 
 from butler.geometry import Box
 from butler.psf import GaussianPsf
 from tasks.diffim.errors import InsufficientKernelSourcesError, KernelSolutionError, MissingPsfError
 from tasks.diffim.make_kernel import MakeKernelConfig, MakeKernelTask, consensus_value, weighted_median
-from tasks.psfmatch.testing import corner_grid_psf, make_psf_matching_pair
+from tasks.psfmatch.testing import corner_grid_psf, make_psf_matching_pair, render_stars
 
 SCALE = 1.15
 PLANE = (4.0, 2e-3, -3e-3)
@@ -71,6 +72,34 @@ def test_cross_validation_lowers_the_order_of_a_constant_kernel() -> None:
     cfg.spatialOrderSelection = "best"
     with pytest.raises(ValueError, match="spatialOrderSelection"):
         cfg.validate()
+
+
+def test_sources_missing_from_the_template_are_not_kernel_candidates() -> None:
+    """Transients (science only) in the source list: rejected before the fit, the scale and background kept."""
+    pair = make_psf_matching_pair(shape=SHAPE, n_stars=200, scale=SCALE, background=PLANE, seed=8)
+    rng = np.random.default_rng(3)
+    n_new = 60
+    xs, ys = rng.uniform(30, SHAPE[1] - 30, n_new), rng.uniform(30, SHAPE[0] - 30, n_new)
+    fluxes = rng.uniform(2e4, 1e5, n_new)
+    science = pair.science.copy()
+    science.image += render_stars(SHAPE, science.psf, xs, ys, fluxes).astype(np.float32)
+    extra = pair.sources[:n_new].copy()
+    extra["id"] = 10_000 + np.arange(n_new)
+    extra["x"], extra["y"], extra["psfFlux"] = xs, ys, fluxes
+    sources = vstack([pair.sources, extra])
+    task = MakeKernelTask()
+    result = task.run(pair.template, science, sources)
+    rejected = {c.source_id for c in result.candidates if c.reason.startswith("aperture")}
+    new_ids = set(extra["id"])
+    candidates_new = {c.source_id for c in result.candidates} & new_ids
+    assert candidates_new and candidates_new <= rejected  # every transient candidate is rejected
+    assert task.metadata["kernelSumCentre"] == pytest.approx(SCALE, rel=0.01)
+    assert float(result.backgroundModel(256, 256)) == pytest.approx(pair.true_background(256, 256), abs=0.5)
+    cfg = MakeKernelConfig()
+    cfg.minStampSignalToNoise = 0.0
+    unscreened = MakeKernelTask(config=cfg)
+    unscreened.run(pair.template, science, sources)
+    assert not any(r.startswith("aperture") for r in unscreened.metadata["rejected"])
 
 
 def test_select_kernel_sources_returns_catalog_rows(varying_pair) -> None:
