@@ -397,9 +397,12 @@ class MakeWarpTask(PipelineTask):
         return Struct(direct=direct, psfMatched=psf_matched)
 
 
-def _variance_stats(warp: Exposure) -> dict[str, float | int]:
-    """Median variance (nJy^2) of the pixels with data: AssembleCoaddTask's weight is its inverse."""
+def _variance_stats(warp: Exposure) -> dict[str, float | int | None]:
+    """Median variance (nJy^2) of the pixels with data: AssembleCoaddTask's weight is its inverse.
+
+    None when no pixel has data (PSF matching can leave a sliver of overlap with none).
+    """
     good = ((warp.mask & warp.get_plane_bitmask("NO_DATA")) == 0) & np.isfinite(warp.variance)
     n = int(np.count_nonzero(good))
-    median = float(np.median(warp.variance[good])) if n else float("nan")
+    median = float(np.median(warp.variance[good])) if n else None
     return {"VARIANCE_MEDIAN": median, "N_GOOD_PIXELS": n}

@@ -420,3 +420,16 @@ def test_combine_stack_masks() -> None:
     x2[0] += 100.0
     _, _, mask2, n2 = combine_stack(x2, v2, m2, np.ones(2), **BITS, sigma_clip=3.0)
     assert np.all(n2 == 2) and not (mask2 & BITS["clipped_bit"]).any()
+
+
+def test_warp_without_usable_pixels_has_no_variance_median(tmp_path) -> None:
+    """A PSF-matched warp of a sliver of overlap can have no pixel with data: its metadata stays storable."""
+    from butler.formats.zarr_exposure import read_exposure_zarr, write_exposure_zarr  # noqa: PLC0415
+    from tasks.coadd.make_warp import _variance_stats  # noqa: PLC0415
+
+    warp = Exposure(np.full((8, 8), np.nan, dtype=np.float32), variance=np.full((8, 8), np.nan, dtype=np.float32))
+    warp.mask[:] = warp.get_plane_bitmask("NO_DATA")
+    warp.metadata.update(_variance_stats(warp))
+    assert warp.metadata["VARIANCE_MEDIAN"] is None and warp.metadata["N_GOOD_PIXELS"] == 0
+    write_exposure_zarr(warp, tmp_path / "warp.zarr")
+    assert read_exposure_zarr(tmp_path / "warp.zarr").metadata["VARIANCE_MEDIAN"] is None
