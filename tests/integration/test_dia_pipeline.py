@@ -66,7 +66,10 @@ def test_distributed_run_succeeds_with_the_expected_quanta(runs) -> None:
     assert tasks["makeWarp"]["succeeded"] == 18 and tasks["makeWarp"]["no_work"] == 27  # template visits only
     for label in ("getTemplate", "subtractImages", "detectAndMeasure", "forcedPhotDiffim"):
         assert tasks[label]["succeeded"] == 10, label  # 5 visits x 2 detectors
-    assert tasks["associateDiaSources"]["quanta"] == 9 and tasks["associateDiaSources"]["succeeded"] >= 6
+    # patches whose overlapping visit-detectors have no DIA source end with NoWorkFound
+    association = tasks["associateDiaSources"]
+    assert association["quanta"] == 9 and association["succeeded"] + association["no_work"] == 9
+    assert association["succeeded"] >= 3
     assert tasks["forcedPhotCoadd"]["succeeded"] == 9
 
 

@@ -85,8 +85,8 @@ def test_failed_run_summary_report_and_rerun_with_skip_existing(repo, template, 
 
 def test_interrupted_driver_is_resumed_with_skip_existing(repo, tmp_path):
     # Quanta slow enough that the interrupt lands mid-run even when polling the repository is
-    # slow on a loaded machine (8 quanta x 1 s; the interrupt comes after the third).
-    pipe = write_pipeline(tmp_path, {"sleep": 1.0})
+    # slow on a loaded machine (8 quanta x 2 s; the interrupt comes after the second).
+    pipe = write_pipeline(tmp_path, {"sleep": 2.0})
     args = ["run", "-b", str(repo), "-p", str(pipe), "-i", "inputs", "-o", "u/test", "-d", "visit IN (100, 101)",
             "-j", "1", "--no-progress"]
     code = "import sys; from pipeline.cli import main; sys.exit(main(sys.argv[1:]))"
@@ -101,7 +101,7 @@ def test_interrupted_driver_is_resumed_with_skip_existing(repo, tmp_path):
                 chain = butler.registry.get_collection_chain("u/test") if ("u/test", "CHAINED") in butler.query_collections() else []
             if chain:
                 run = chain[0]
-                if len(registered(repo, "scale_metadata", run)) >= 3:
+                if len(registered(repo, "scale_metadata", run)) >= 2:
                     break
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=60)
@@ -111,7 +111,7 @@ def test_interrupted_driver_is_resumed_with_skip_existing(repo, tmp_path):
     assert proc.returncode == 130, err
     assert "pipetask: interrupted" in err
     done = {k: r.id for k, r in registered(repo, "scale_metadata", run).items()}
-    assert 3 <= len(done) < 8
+    assert 2 <= len(done) < 8
     summaries = sorted((Path(repo) / run / ".executions").glob("*/summary.json"))
     assert json.loads(summaries[-1].read_text())["interrupted"] is True
     # Every registered output is complete and readable; nothing else is visible.
