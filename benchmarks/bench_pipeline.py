@@ -161,7 +161,7 @@ def main() -> None:
         n_visit_detectors = len(list(butler.query_datasets("calexp")))
         results = []
         for scheduler in [s.strip() for s in args.schedulers.split(",") if s.strip()]:
-            output = f"u/bench/{scheduler}"
+            output = f"u/bench/{scheduler}{time.strftime('%Y%m%dT%H%M%S')}"
             wall, peak, status = run_pipeline(repo, output, scheduler, args.workers)
             results.append((scheduler, wall, peak, status, output))
             print(f"\n{scheduler} ({args.workers} workers): exit {status}, {wall:.1f} s wall, "
