@@ -102,14 +102,6 @@ class ImageDifferenceConfig(PipelineTaskConfig, pipelineConnections=ImageDiffere
     """Configuration of :class:`ImageDifferenceTask`."""
 
     mode: str = Field("auto", description="'auto', 'convolveTemplate' or 'convolveScience'")
-    autoModeFwhmTolerance: float = Field(
-        0.1,
-        description="Mode auto convolves the science image only when its PSF FWHM is below (1 - this) times the "
-        "template's; otherwise the template (the kernel then deconvolves slightly, which its basis allows).  "
-        "Convolving the science image against a coadd template leaves a difference whose decorrelated variance "
-        "is 2-3x too high (the decorrelation assumes white template noise; a coadd's is correlated), so a "
-        "template only a little wider than the science PSF is better convolved",
-    )
     makeKernel = ConfigurableField(target=MakeKernelTask, doc="PSF-matching kernel fit")
     doDecorrelation: bool = Field(True, description="Whiten the difference noise (LSST's afterburner)")
     decorrelationKernelScale: float = Field(
@@ -137,8 +129,6 @@ class ImageDifferenceConfig(PipelineTaskConfig, pipelineConnections=ImageDiffere
             raise ValueError(f"mode must be 'auto', 'convolveTemplate' or 'convolveScience', not {self.mode!r}")
         if not 0.0 <= self.requiredTemplateFraction <= 1.0:
             raise ValueError(f"requiredTemplateFraction must be in [0, 1], got {self.requiredTemplateFraction}")
-        if not 0.0 <= self.autoModeFwhmTolerance < 1.0:
-            raise ValueError(f"autoModeFwhmTolerance must be in [0, 1), got {self.autoModeFwhmTolerance}")
         if self.decorrelationKernelScale <= 0:
             raise ValueError("decorrelationKernelScale must be positive")
 
@@ -261,16 +251,15 @@ class ImageDifferenceTask(PipelineTask):
         elif mode == "convolveScience":
             convolve_template = False
         else:
-            convolve_template = fwhm_s >= (1.0 - self.config.autoModeFwhmTolerance) * fwhm_t
+            convolve_template = fwhm_t <= fwhm_s
         which = "template" if convolve_template else "science"
         self.metadata["mode"] = mode
         self.metadata["convolvedImage"] = which
         self.log.info(
             "mode %s: PSF FWHM template %.2f px, science %.2f px: convolving the %s", mode, fwhm_t, fwhm_s, which
         )
-        if (fwhm_t > fwhm_s) == convolve_template:
-            log = self.log.info if mode == "auto" else self.log.warning
-            log(
+        if mode != "auto" and ((fwhm_t > fwhm_s) == convolve_template):
+            self.log.warning(
                 "mode %s convolves the image with the wider PSF (%.2f px vs %.2f px): the kernel must deconvolve",
                 mode, max(fwhm_t, fwhm_s), min(fwhm_t, fwhm_s),
             )

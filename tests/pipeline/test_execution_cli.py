@@ -87,7 +87,7 @@ def test_interrupted_driver_is_resumed_with_skip_existing(repo, tmp_path):
     # Quanta slow enough that the interrupt lands mid-run even when polling the repository is
     # slow on a loaded machine (8 quanta x 2 s; the interrupt comes after the second).
     pipe = write_pipeline(tmp_path, {"sleep": 2.0})
-    args = ["run", "-b", str(repo), "-p", str(pipe), "-i", "inputs", "-o", "u/test", "-d", "visit IN (100, 101)",
+    args = ["run", "-b", str(repo), "-p", str(pipe), "-i", "inputs", "-o", "u/interrupt", "-d", "visit IN (100, 101)",
             "-j", "1", "--no-progress"]
     code = "import sys; from pipeline.cli import main; sys.exit(main(sys.argv[1:]))"
     proc = subprocess.Popen([sys.executable, "-c", code, *args], cwd=ROOT, env=subprocess_env(),
@@ -98,7 +98,7 @@ def test_interrupted_driver_is_resumed_with_skip_existing(repo, tmp_path):
         while time.time() < deadline:
             time.sleep(0.2)
             with Butler(repo) as butler:
-                chain = butler.registry.get_collection_chain("u/test") if ("u/test", "CHAINED") in butler.query_collections() else []
+                chain = butler.registry.get_collection_chain("u/interrupt") if ("u/interrupt", "CHAINED") in butler.query_collections() else []
             if chain:
                 run = chain[0]
                 if len(registered(repo, "scale_metadata", run)) >= 2:
