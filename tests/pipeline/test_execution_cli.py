@@ -89,7 +89,10 @@ def test_interrupted_driver_is_resumed_with_skip_existing(repo, tmp_path):
     pipe = write_pipeline(tmp_path, {"sleep": 2.0})
     args = ["run", "-b", str(repo), "-p", str(pipe), "-i", "inputs", "-o", "u/interrupt", "-d", "visit IN (100, 101)",
             "-j", "1", "--no-progress"]
-    code = "import sys; from pipeline.cli import main; sys.exit(main(sys.argv[1:]))"
+    # A child inherits an ignored SIGINT (some library in this pytest process may leave it ignored),
+    # and Python then keeps ignoring it: give the driver Python's usual Ctrl-C handler, as in a shell.
+    code = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+            "from pipeline.cli import main; sys.exit(main(sys.argv[1:]))")
     proc = subprocess.Popen([sys.executable, "-c", code, *args], cwd=ROOT, env=subprocess_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     run = None
