@@ -763,8 +763,11 @@ def fit_kernel_weighted_clipping(
         with np.errstate(divide="ignore", invalid="ignore"):
             matched = (ft / et >= min_stamp_snr) & (fs / es >= min_stamp_snr)
             ratio = fs / ft
-            ratio_err = np.abs(ratio) * np.hypot(et / ft, es / fs)
-        reference = weighted_median(ratio[matched], 1.0 / ratio_err[matched] ** 2) if matched.sum() >= 3 else np.nan
+            relative_err = np.hypot(et / ft, es / fs)
+            ratio_err = np.abs(ratio) * relative_err
+        # Weights from the relative errors: weights from ratio_err (which scales with the ratio) gave a
+        # near-zero ratio an enormous weight and made it the reference for every candidate.
+        reference = weighted_median(ratio[matched], 1.0 / relative_err[matched] ** 2) if matched.sum() >= 3 else np.nan
         for i, c in enumerate(candidates):
             if not matched[i]:
                 unmatched[i] = c.rejected(f"aperture S/N below {min_stamp_snr:g} in one image")
