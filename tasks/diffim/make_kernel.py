@@ -768,10 +768,21 @@ def fit_kernel_weighted_clipping(
         # Weights from the relative errors: weights from ratio_err (which scales with the ratio) gave a
         # near-zero ratio an enormous weight and made it the reference for every candidate.
         reference = weighted_median(ratio[matched], 1.0 / relative_err[matched] ** 2) if matched.sum() >= 3 else np.nan
+        off = matched & (np.abs(ratio - reference) > np.maximum(5.0 * ratio_err, 0.1 * np.abs(reference)))
+        if not math.isfinite(reference) or off.sum() > 0.5 * matched.sum():
+            # When most candidates disagree with the reference, the reference is what is wrong (the
+            # aperture ratio also depends on the two PSFs, on blends and on the coadd's clipping):
+            # the screening is skipped and the kernel fit's own clipping decides.
+            if math.isfinite(reference):
+                log.warning(
+                    "aperture flux ratio screening skipped: %d of %d candidates are off the reference %.4g",
+                    int(off.sum()), int(matched.sum()), reference,
+                )
+            off[:] = False
         for i, c in enumerate(candidates):
             if not matched[i]:
                 unmatched[i] = c.rejected(f"aperture S/N below {min_stamp_snr:g} in one image")
-            elif math.isfinite(reference) and abs(ratio[i] - reference) > max(5.0 * ratio_err[i], 0.1 * abs(reference)):
+            elif off[i]:
                 unmatched[i] = c.rejected("aperture flux ratio off by more than 10% and 5 sigma")
     solved = iter(
         solve_candidates(
