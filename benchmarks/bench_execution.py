@@ -7,7 +7,7 @@ Prints, for each scheduler (threads, processes, distributed on a local cluster):
   executor's own share (wall x workers - time inside the quanta, per quantum);
 - the speedup of 2 workers over 1 on a CPU-bound pipeline: numpy ufuncs (which release the
   GIL) on threads and distributed, pure-Python loops on processes (DESIGN §7);
-- where lsst-ctrl-mpexec imports (``--lsst-python``, default ``/tmp/bench-venv/bin/python``),
+- where lsst-ctrl-mpexec imports (``--lsst-python``, default ``$LSST_PYTHON`` or this interpreter),
   LSST's ``pipetask run -j 1`` on a trivial pipeline of the same shape, side by side.
 
 Numbers only; nothing is asserted.  Usage::
@@ -222,7 +222,7 @@ def main() -> None:
         "about 0.5 s -- weigh on the speedup: measured 1.55-1.88x there, 1.73-2.0x with 32)",
     )
     parser.add_argument("--schedulers", default="threads,processes,distributed")
-    parser.add_argument("--lsst-python", default="/tmp/bench-venv/bin/python")
+    parser.add_argument("--lsst-python", default=os.environ.get("LSST_PYTHON", sys.executable))
     parser.add_argument("--lsst-quanta", type=int, default=40)
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)

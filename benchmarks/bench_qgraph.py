@@ -7,7 +7,7 @@ input dataset per visit-detector, and a pipeline of three chained trivial tasks 
 time of ``pipetask qgraph`` (a fresh process: imports, pipeline expansion, build, summary).
 
 Where ``lsst.pipe.base`` and ``lsst.ctrl.mpexec`` import (the ``bench`` extra, or a venv named by
-``LSST_PYTHON``, default ``/tmp/bench-venv/bin/python``), the same-shaped repository is created
+``LSST_PYTHON``, default this interpreter), the same-shaped repository is created
 with LSST's own butler (registry rows only: the graph builder never reads files) and LSST's
 ``pipetask qgraph`` is timed the same way.  Otherwise a note says why it was skipped.
 
@@ -177,7 +177,7 @@ def _time_cli(cmd: list[str], env: dict[str, str]) -> tuple[float, str]:
 
 
 def _lsst_python() -> str | None:
-    candidates = [os.environ.get("LSST_PYTHON"), sys.executable, "/tmp/bench-venv/bin/python"]
+    candidates = [os.environ.get("LSST_PYTHON"), sys.executable]
     for python in candidates:
         if not python or not Path(python).exists():
             continue

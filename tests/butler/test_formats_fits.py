@@ -29,7 +29,8 @@ from butler.masks import DEFAULT_MASK_PLANES
 
 X0, Y0 = 1200, 3400
 H, W = 64, 96
-REALDATA = Path("/work/shared/realdata")
+# the shared real-data folder beside the repository (see ../shared/realdata/README.md); skipped when absent
+REALDATA = Path(__file__).resolve().parents[2].parent / "shared" / "realdata"
 DECAM = REALDATA / "sfft_decam_i" / "DEC-OBS04a.mini.fits"
 JWST = REALDATA / "sfft_jwst_nircam_f200w" / "jw02561001002-02561-o001_t003_nircam_clear-f200w_i2d_stamp.fits"
 
