@@ -55,6 +55,7 @@ from tasks.psfmatch import (
 from tasks.psfmatch.chebyshev import ChebyshevBasis2D, chebyshev_1d
 from tasks.psfmatch.errors import PsfMatchConfigError, format_rejections
 from tasks.psfmatch.solve import GOOD, solve_candidates
+from tasks.psfmatch.fit import fit_diagnostics
 from tasks.psfmatch.spatial import fit_spatial_kernel, local_parameters
 
 from .errors import InsufficientKernelSourcesError, KernelSolutionError, MissingPsfError
@@ -921,20 +922,7 @@ def fit_kernel_weighted_clipping(
         reference_error = float(1.0 / math.sqrt(w.sum()))
     else:
         reference_error = float("nan")
-    diag = KernelFitDiagnostics(
-        basis=basis,
-        candidates=cands,
-        n_used=len(used),
-        rejected=dict(Counter(c.reason for c in cands if c.reason)),
-        kernel_sum_median=float(np.median(ksums)),
-        kernel_sum_sigma=_robust_sigma(ksums) if ksums.size > 1 else 0.0,
-        spatial_condition_number=info.condition_number,
-        n_parameters=info.n_parameters,
-        spatial_iterations=iterations,
-        residual_mean=float(np.median(stats[:, 0])),
-        residual_std=float(np.median(stats[:, 1])),
-        elapsed=time.perf_counter() - start,
-    )
+    diag = fit_diagnostics(basis, cands, used, stats, info, iterations, start)
     # not fields of KernelFitDiagnostics: the candidates' inverse-variance weighted kernel sum
     diag.kernel_sum_reference = reference  # type: ignore[attr-defined]
     diag.kernel_sum_reference_error = reference_error  # type: ignore[attr-defined]

@@ -246,6 +246,38 @@ def _robust_sigma(values: np.ndarray) -> float:
     return float(0.7413 * (q75 - q25))
 
 
+def fit_diagnostics(
+    basis: AlardLuptonBasis,
+    candidates: list[KernelCandidate],
+    used: list[KernelCandidate],
+    stats: np.ndarray,
+    info: Any,
+    iterations: int,
+    start: float,
+) -> KernelFitDiagnostics:
+    """The diagnostics of a finished spatial fit.
+
+    ``used`` are the candidates kept, ``stats`` their residual (mean, std) against the spatial
+    model (one row each), ``info`` the spatial solution's condition number and parameter count,
+    ``start`` the fit's ``time.perf_counter()`` start.
+    """
+    ksums = np.array([c.solution.kernel_sum for c in used])  # type: ignore[union-attr]
+    return KernelFitDiagnostics(
+        basis=basis,
+        candidates=candidates,
+        n_used=len(used),
+        rejected=dict(Counter(c.reason for c in candidates if c.reason)),
+        kernel_sum_median=float(np.median(ksums)),
+        kernel_sum_sigma=_robust_sigma(ksums) if ksums.size > 1 else 0.0,
+        spatial_condition_number=info.condition_number,
+        n_parameters=info.n_parameters,
+        spatial_iterations=iterations,
+        residual_mean=float(np.median(stats[:, 0])),
+        residual_std=float(np.median(stats[:, 1])),
+        elapsed=time.perf_counter() - start,
+    )
+
+
 def fit_kernel_to_candidates(
     candidates: Sequence[KernelCandidate],
     basis: AlardLuptonBasis,
@@ -350,21 +382,7 @@ def fit_kernel_to_candidates(
     stats = np.array(
         [c.solution.residual_stats(local_parameters(kernel, c))[:2] for c in used]  # type: ignore[union-attr]
     )
-    ksums = np.array([c.solution.kernel_sum for c in used])  # type: ignore[union-attr]
-    diag = KernelFitDiagnostics(
-        basis=basis,
-        candidates=cands,
-        n_used=len(used),
-        rejected=dict(Counter(c.reason for c in cands if c.reason)),
-        kernel_sum_median=float(np.median(ksums)),
-        kernel_sum_sigma=_robust_sigma(ksums) if ksums.size > 1 else 0.0,
-        spatial_condition_number=info.condition_number,
-        n_parameters=info.n_parameters,
-        spatial_iterations=iterations,
-        residual_mean=float(np.median(stats[:, 0])),
-        residual_std=float(np.median(stats[:, 1])),
-        elapsed=time.perf_counter() - start,
-    )
+    diag = fit_diagnostics(basis, cands, used, stats, info, iterations, start)
     cx, cy = bbox.center
     _log.info(
         "PSF-matching kernel: %d px, %d basis images, %d of %d candidates used (rejected: %s), "
