@@ -323,15 +323,17 @@ def forced_coadd_accuracy(
     truth = _truth_sky(butler)
     stars = np.asarray(truth["sourceType"]) == "star"
     pieces = []
+    isolated: dict[str, np.ndarray] = {}
     for ref in refs:
         band = ref.data_id["band"]
+        if band not in isolated:
+            isolated[band] = stars & _isolated(truth, band, isolation_arcsec, 0.01)
         cat = butler.get(ref)
         if not len(cat):
             continue
         if "detect_isPrimary" in cat.colnames:
             cat = cat[np.asarray(cat["detect_isPrimary"], dtype=bool)]
-        good = stars & _isolated(truth, band, isolation_arcsec, 0.01)
-        t = truth[good]
+        t = truth[isolated[band]]
         tc = SkyCoord(t["coord_ra"], t["coord_dec"], unit="deg")
         cc = SkyCoord(cat["coord_ra"], cat["coord_dec"], unit="deg")
         idx, sep, _ = cc.match_to_catalog_sky(tc)
