@@ -21,7 +21,7 @@ import functools
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -83,6 +83,23 @@ def _separated(normals: NDArray[np.float64], xyz: NDArray[np.float64]) -> bool |
     """
     side = np.einsum("...ni,...mi->...nm", normals, xyz)
     return np.any(np.all(side < EDGE_TOLERANCE, axis=-1), axis=-1)
+
+
+def _separated_pairs(normals: NDArray[np.float64], xyz: NDArray[np.float64]) -> NDArray[np.bool_]:
+    """:func:`_separated` of a stack of pairs (``(k, n, 3)``, ``(k, m, 3)``), as contiguous rows.
+
+    Loops over the few edges and vertices with element-wise arithmetic on length-``k`` rows:
+    ~3x faster than the einsum for the registry's spatial joins (tens of thousands of pairs).
+    """
+    planes = [[np.ascontiguousarray(normals[:, e, i]) for i in range(3)] for e in range(normals.shape[1])]
+    points = [[np.ascontiguousarray(xyz[:, v, i]) for i in range(3)] for v in range(xyz.shape[1])]
+    out = np.zeros(len(normals), dtype=bool)
+    for a, b, c in planes:
+        farthest = a * points[0][0] + b * points[0][1] + c * points[0][2]
+        for x, y, z in points[1:]:
+            np.maximum(farthest, a * x + b * y + c * z, out=farthest)
+        out |= farthest < EDGE_TOLERANCE
+    return out
 
 
 class RegionBatch:
@@ -169,7 +186,7 @@ class RegionBatch:
                 sa, sb = self._slot[first[sel]], other._slot[second[sel]]
                 na, xa = self._normals[a_group][sa], self._xyz[a_group][sa]
                 nb, xb = other._normals[b_group][sb], other._xyz[b_group][sb]
-                out[sel] = ~(_separated(na, xb) | _separated(nb, xa))
+                out[sel] = ~(_separated_pairs(na, xb) | _separated_pairs(nb, xa))
         return out
 
 
@@ -208,6 +225,96 @@ def _strictly_convex(side: NDArray[np.float64]) -> bool:
 def _same_point(a: NDArray[np.float64], b: NDArray[np.float64]) -> bool:
     """Whether two unit vectors are closer than the duplicate tolerance."""
     return float(np.linalg.norm(a - b)) < _DUPLICATE_TOLERANCE_RAD
+
+
+def _dot(a: NDArray[np.float64], b: NDArray[np.float64]) -> NDArray[np.float64]:
+    """Dot products over the last axis, broadcast, as plain element-wise arithmetic (the same
+    bits whatever the batch shape, unlike einsum or matmul)."""
+    return a[..., 0] * b[..., 0] + a[..., 1] * b[..., 1] + a[..., 2] * b[..., 2]
+
+
+class _ConvexBatch(NamedTuple):
+    """Geometry of ``k`` polygons of ``n`` vertices each; ``ok`` marks the strictly convex ones."""
+
+    ok: NDArray[np.bool_]
+    xyz: NDArray[np.float64]
+    normals: NDArray[np.float64]
+    center: NDArray[np.float64]
+    radius: NDArray[np.float64]
+
+
+def _convex_batch(ra: NDArray[np.float64], dec: NDArray[np.float64]) -> _ConvexBatch:
+    """The fast path of :class:`SkyRegion` validation for ``(k, n)`` vertex arrays at once.
+
+    ``ok[i]`` is True when polygon ``i`` (``ra`` already in [0, 360), finite values) has
+    distinct vertices, fits well within a hemisphere and is strictly convex (so also simple);
+    its unit vectors, inward edge normals, bounding circle centre and radius are then final.
+    Every other polygon must take :meth:`SkyRegion._init_general`, which explains what is
+    wrong or handles the non-convex case.  The single-region constructor runs this with
+    ``k = 1``, so regions built one at a time and in batches are identical; the batch costs
+    ~100x less per region than a loop (numpy's per-call overhead dominates on tiny arrays).
+    """
+    k, n = ra.shape
+    following, _, off_edge = _polygon_indices(n)
+    xyz = _unit_vectors(ra, dec)
+    edge = _cross(xyz, xyz[:, following])
+    ok = np.sqrt(_dot(edge, edge)).min(axis=1) >= _DUPLICATE_TOLERANCE_RAD
+    upper = np.triu_indices(n, 1)
+    gaps = xyz[:, upper[0]] - xyz[:, upper[1]]
+    ok &= np.sqrt(_dot(gaps, gaps)).min(axis=1) >= _DUPLICATE_TOLERANCE_RAD
+    total = xyz[:, 0]
+    for j in range(1, n):
+        total = total + xyz[:, j]
+    mean = total / n
+    norm = np.sqrt(_dot(mean, mean))
+    ok &= norm >= 1e-12
+    center = mean / np.where(ok, norm, 1.0)[:, None]
+    radius = np.arccos(np.clip(_dot(xyz, center[:, None, :]), -1.0, 1.0)).max(axis=1)
+    ok &= radius < math.pi / 2 - 1e-9
+    helper = np.where(np.abs(center[:, 2:3]) < 0.9, [[0.0, 0.0, 1.0]], [[1.0, 0.0, 0.0]])
+    e1 = _cross(helper, center)
+    e1 = e1 / np.sqrt(_dot(e1, e1))[:, None]
+    e2 = _cross(center, e1)
+    depth = _dot(xyz, center[:, None, :])
+    depth = np.where(ok[:, None], depth, 1.0)
+    x = _dot(xyz, e1[:, None, :]) / depth
+    y = _dot(xyz, e2[:, None, :]) / depth
+    terms = x * y[:, following] - x[:, following] * y
+    area2 = terms[:, 0]
+    for j in range(1, n):
+        area2 = area2 + terms[:, j]
+    ok &= area2 != 0.0
+    normals = np.where(area2 > 0, 1.0, -1.0)[:, None, None] * edge
+    normals = normals / np.sqrt(np.where(ok[:, None], _dot(normals, normals), 1.0))[..., None]
+    side = _dot(normals[:, :, None, :], xyz[:, None, :, :])
+    ok &= np.all(side[:, off_edge] > _STRICT_CONVEXITY_MARGIN, axis=1)
+    return _ConvexBatch(ok, xyz, normals, center, radius)
+
+
+def _checked_vertices(ra_deg: ArrayLike, dec_deg: ArrayLike) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """1-D finite ``(ra mod 360, dec)`` arrays in degrees, or a DataModelError saying what is wrong."""
+    ra = _as_float_array(ra_deg, "ra")
+    dec = _as_float_array(dec_deg, "dec")
+    if ra.ndim != 1 or dec.ndim != 1 or ra.shape != dec.shape:
+        raise DataModelError(
+            f"SkyRegion needs 1-D ra and dec arrays of the same length, got shapes "
+            f"{ra.shape} and {dec.shape}"
+        )
+    if not (np.all(np.isfinite(ra)) and np.all(np.isfinite(dec))):
+        raise DataModelError(
+            f"SkyRegion vertices must be finite, got ra={ra.tolist()}, dec={dec.tolist()}"
+        )
+    if np.any(np.abs(dec) > 90.0):
+        raise DataModelError(
+            f"SkyRegion declinations must be within [-90, 90] degrees, got {dec.tolist()}"
+        )
+    return np.mod(ra, 360.0), dec
+
+
+def _freeze(*arrays: NDArray[Any]) -> None:
+    """Make arrays read-only (regions are immutable; views of them inherit this)."""
+    for array in arrays:
+        array.flags.writeable = False
 
 
 def _gnomonic(xyz: NDArray[np.float64], center: NDArray[np.float64]) -> tuple[NDArray[np.float64], ...]:
@@ -307,22 +414,35 @@ class SkyRegion:
     )
 
     def __init__(self, ra_deg: ArrayLike, dec_deg: ArrayLike) -> None:
-        ra = _as_float_array(ra_deg, "ra")
-        dec = _as_float_array(dec_deg, "dec")
-        if ra.ndim != 1 or dec.ndim != 1 or ra.shape != dec.shape:
-            raise DataModelError(
-                f"SkyRegion needs 1-D ra and dec arrays of the same length, got shapes "
-                f"{ra.shape} and {dec.shape}"
-            )
-        if not (np.all(np.isfinite(ra)) and np.all(np.isfinite(dec))):
-            raise DataModelError(
-                f"SkyRegion vertices must be finite, got ra={ra.tolist()}, dec={dec.tolist()}"
-            )
-        if np.any(np.abs(dec) > 90.0):
-            raise DataModelError(
-                f"SkyRegion declinations must be within [-90, 90] degrees, got {dec.tolist()}"
-            )
-        ra = np.mod(ra, 360.0)
+        ra, dec = _checked_vertices(ra_deg, dec_deg)
+        if len(ra) >= 3:
+            ra, dec = ra[None, :], dec[None, :]
+            fast = _convex_batch(ra, dec)
+            if fast.ok[0]:
+                _freeze(ra, dec, *fast)
+                self._set_convex(ra[0], dec[0], fast.xyz[0], fast.normals[0], fast.center[0], float(fast.radius[0]))
+                return
+            ra, dec = ra[0], dec[0]
+        self._init_general(ra, dec)
+
+    def _set_convex(
+        self,
+        ra: NDArray[np.float64],
+        dec: NDArray[np.float64],
+        xyz: NDArray[np.float64],
+        normals: NDArray[np.float64],
+        center: NDArray[np.float64],
+        radius: float,
+    ) -> None:
+        """Fill in a strictly convex region from read-only arrays (its mean direction is inside)."""
+        self._ra, self._dec, self._xyz = ra, dec, xyz
+        self._polygon = None
+        self._inside_xyz = center
+        self._normals, self._convex = normals, True
+        self._center_xyz, self._radius_rad = center, radius
+
+    def _init_general(self, ra: NDArray[np.float64], dec: NDArray[np.float64]) -> None:
+        """Validation and geometry of any polygon (``ra`` in [0, 360)); raises what is wrong."""
         xyz = _unit_vectors(ra, dec)
         # A closing vertex equal to the first one is a common convention (GeoJSON): drop it.
         if len(xyz) > 1 and _same_point(xyz[0], xyz[-1]):
@@ -371,11 +491,10 @@ class SkyRegion:
                 "mean direction; regions must be smaller than a hemisphere, split it"
             )
 
-        # Fast path, ours because it pays (region inserts were ~3 ms per region, dominated by
-        # the simplicity test, the ear search and building the spherical_geometry polygon):
-        # a polygon whose every vertex lies strictly inside the edge planes of the edges it is
-        # not on is convex and simple, and its mean direction is an interior point.  Everything
-        # else takes the general checks below.
+        # A polygon whose every vertex lies strictly inside the edge planes of the edges it is
+        # not on (here: one given with a closing vertex; others took _convex_batch) is convex
+        # and simple, and its mean direction is an interior point.  Everything else takes the
+        # general checks below.
         x, y, _, _ = _gnomonic(xyz, center)
         area2 = float(np.sum(x * y[next_vertex] - x[next_vertex] * y))
         orientation = 1.0 if area2 > 0 else -1.0
@@ -447,6 +566,63 @@ class SkyRegion:
         return cls(ra_deg, dec_deg)
 
     @classmethod
+    def from_radec_many(cls, ra_deg: Sequence[ArrayLike], dec_deg: Sequence[ArrayLike]) -> list[SkyRegion]:
+        """Many regions at once; the same regions as ``[SkyRegion(r, d) for r, d in ...]``.
+
+        Parameters
+        ----------
+        ra_deg, dec_deg : sequence of array-like of float
+            Vertex right ascensions and declinations in degrees of each region, as for the
+            constructor; a ``(k, n)`` array gives ``k`` regions of ``n`` vertices.
+
+        Returns
+        -------
+        list of SkyRegion
+            In input order.
+
+        Raises
+        ------
+        DataModelError
+            For the first invalid region, as the constructor would.
+
+        Notes
+        -----
+        Regions with the same vertex count are validated together by numpy (strictly convex
+        ones, the usual detector, patch and tract boxes, are then complete); the others go
+        through the constructor.  ~100x cheaper per region than the constructor for thousands
+        of small regions (measured: numpy's per-call overhead dominates on 4-vertex arrays).
+        """
+        if len(ra_deg) != len(dec_deg):
+            raise DataModelError(f"from_radec_many needs as many ra as dec lists, got {len(ra_deg)} and {len(dec_deg)}")
+        out: list[SkyRegion | None] = [None] * len(ra_deg)
+        groups: dict[int, list[int]] = {}
+        for i, (ra, dec) in enumerate(zip(ra_deg, dec_deg, strict=True)):
+            n = len(ra) if hasattr(ra, "__len__") else -1
+            groups.setdefault(n if n >= 3 and hasattr(dec, "__len__") and len(dec) == n else -1, []).append(i)
+        new = cls.__new__
+        for n, members in groups.items():
+            if n < 0:
+                continue
+            try:
+                ra = np.array([ra_deg[i] for i in members], dtype=np.float64)
+                dec = np.array([dec_deg[i] for i in members], dtype=np.float64)
+            except (TypeError, ValueError):
+                continue  # not plain numbers: the constructor says what is wrong
+            if ra.shape != (len(members), n) or dec.shape != ra.shape:
+                continue
+            valid = np.all(np.isfinite(ra) & np.isfinite(dec) & (np.abs(dec) <= 90.0), axis=1)
+            with np.errstate(invalid="ignore", divide="ignore"):  # invalid rows are redone one by one
+                ra = np.mod(ra, 360.0)
+                fast = _convex_batch(ra, dec)
+            _freeze(ra, dec, *fast)
+            radius = fast.radius.tolist()
+            for slot in np.flatnonzero(valid & fast.ok).tolist():
+                region = new(cls)
+                region._set_convex(ra[slot], dec[slot], fast.xyz[slot], fast.normals[slot], fast.center[slot], radius[slot])
+                out[members[slot]] = region
+        return [cls(r, d) if region is None else region for region, r, d in zip(out, ra_deg, dec_deg, strict=True)]
+
+    @classmethod
     def from_wcs_box(cls, wcs: Any, box: Any) -> SkyRegion:
         """Region covered by a pixel box through a WCS.
 
@@ -516,6 +692,14 @@ class SkyRegion:
         DataModelError
             If ``data`` is not a mapping with a ``vertices`` list of ``[ra_deg, dec_deg]`` pairs.
         """
+        array = cls._dict_vertices(data)
+        if trusted:
+            return cls._trusted(array[:, 0], array[:, 1])
+        return cls(array[:, 0], array[:, 1])
+
+    @staticmethod
+    def _dict_vertices(data: Mapping[str, Any]) -> NDArray[np.float64]:
+        """The ``(n, 2)`` ``[ra_deg, dec_deg]`` vertices of a :meth:`to_dict` mapping, checked."""
         if not isinstance(data, Mapping):
             raise DataModelError(f"a SkyRegion dict must be a mapping, got {type(data).__name__}")
         kind = data.get("type", "polygon")
@@ -535,9 +719,7 @@ class SkyRegion:
             ) from None
         if array.ndim != 2 or array.shape[1] != 2:
             raise DataModelError(f"SkyRegion 'vertices' must be [ra_deg, dec_deg] pairs, got {vertices!r}")
-        if trusted:
-            return cls._trusted(array[:, 0], array[:, 1])
-        return cls(array[:, 0], array[:, 1])
+        return array
 
     # ------------------------------------------------------------------ accessors
 
@@ -692,7 +874,7 @@ class SkyRegion:
         """Plain JSON-able data: ``{"type": "polygon", "vertices": [[ra_deg, dec_deg], ...]}``."""
         return {
             "type": "polygon",
-            "vertices": [[float(r), float(d)] for r, d in zip(self._ra, self._dec, strict=True)],
+            "vertices": [list(pair) for pair in zip(self._ra.tolist(), self._dec.tolist(), strict=True)],
         }
 
     def __reduce__(self) -> tuple[Any, ...]:

@@ -460,3 +460,61 @@ def test_to_dict_round_trip_json_pickle_and_hash():
 def test_from_dict_errors(data, match):
     with pytest.raises(DataModelError, match=match):
         SkyRegion.from_dict(data)
+
+
+# ------------------------------------------------------------------------------ many at once
+
+
+def _slots_equal(a: SkyRegion, b: SkyRegion) -> None:
+    for name in SkyRegion.__slots__:
+        x, y = getattr(a, name), getattr(b, name)
+        if isinstance(x, np.ndarray):
+            assert np.array_equal(x, y), name
+            assert not y.flags.writeable, name
+        elif name != "_polygon":
+            assert x == y, name
+
+
+def test_from_radec_many_builds_the_same_regions_as_one_at_a_time():
+    rng = np.random.default_rng(5)
+    ras, decs = [], []
+    for _ in range(200):
+        ra0, dec0 = rng.uniform(0, 360), rng.uniform(-85, 85)
+        w, h = rng.uniform(0.01, 2.0, 2)
+        ras.append([ra0, ra0 + w, ra0 + w, ra0])
+        decs.append([dec0, dec0, min(dec0 + h, 89.9), min(dec0 + h, 89.9)])
+    ras += [[10.0, 11.0, 10.5], [10.0, 11.0, 10.5, 11.0, 10.0], [5.0, 6.0, 6.0, 5.0, 5.0], np.array([359.9, 0.1, 0.1])]
+    decs += [[0.0, 0.0, 1.0], [-6.0, -6.0, -5.5, -5.0, -5.0], [1.0, 1.0, 2.0, 2.0, 1.0], np.array([0.0, 0.0, 0.2])]
+    many = SkyRegion.from_radec_many(ras, decs)
+    assert len(many) == len(ras)
+    for r, d, region in zip(ras, decs, many, strict=True):
+        one = SkyRegion(r, d)
+        assert region == one
+        _slots_equal(one, region)
+    assert not many[-3].is_convex and many[-2].num_vertices == 4  # closing vertex dropped
+    for region in many[:5]:
+        assert region.healpix_pixels(64).tolist() == SkyRegion(*region.vertices_radec()).healpix_pixels(64).tolist()
+    square = SkyRegion.from_radec_many(np.array([[1.0, 2.0, 2.0, 1.0]]), np.array([[0.0, 0.0, 1.0, 1.0]]))
+    assert square == [SkyRegion([1.0, 2.0, 2.0, 1.0], [0.0, 0.0, 1.0, 1.0])]
+    assert SkyRegion.from_radec_many([], []) == []
+
+
+@pytest.mark.parametrize(
+    ("ra", "dec", "match"),
+    [
+        ([0.0, 1.0, float("nan"), 0.0], [0.0, 0.0, 1.0, 1.0], "must be finite"),
+        ([0.0, 1.0, 1.0, 0.0], [0.0, 0.0, 91.0, 1.0], "within \\[-90, 90\\]"),
+        ([0.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0], "coincide"),
+        ([0.0, 1.0], [0.0, 0.0], "at least 3"),
+        ([0.0, 1.0, 0.0, 1.0], [0.0, 1.0, 1.0, 0.0], "cross"),
+    ],
+)
+def test_from_radec_many_raises_as_the_constructor_does(ra, dec, match):
+    good = ([10.0, 10.1, 10.1], [0.0, 0.0, 0.1])
+    with pytest.raises(DataModelError, match=match):
+        SkyRegion(ra, dec)
+    with pytest.raises(DataModelError, match=match):
+        SkyRegion.from_radec_many([good[0], ra], [good[1], dec])
+    with pytest.raises(DataModelError, match="as many ra as dec"):
+        SkyRegion.from_radec_many([ra], [])
+
