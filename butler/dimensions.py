@@ -90,7 +90,7 @@ class DimensionUniverse:
 
     dimensions: Mapping[str, Dimension]
     elements: Mapping[str, SpatialElement] = field(default_factory=dict)
-    healpix_nside: int = 64
+    htm_level: int = 7
     version: int = 1
 
     # ------------------------------------------------------------------ construction
@@ -126,7 +126,7 @@ class DimensionUniverse:
             for other in (*dim.requires, *dim.implies):
                 if other not in dims:
                     raise DimensionNameError(f"{source}: dimension {dim.name!r} refers to unknown {other!r}")
-        return cls(dims, elements, int(config.get("healpix_nside", 64)), int(config.get("version", 1)))
+        return cls(dims, elements, int(config.get("htm_level", 7)), int(config.get("version", 1)))
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> DimensionUniverse:
@@ -150,7 +150,7 @@ class DimensionUniverse:
             dims[dim.name] = spec
         return {
             "version": self.version,
-            "healpix_nside": self.healpix_nside,
+            "htm_level": self.htm_level,
             "dimensions": dims,
             "elements": {e.name: {"requires": list(e.requires), "spatial": True} for e in self.elements.values()},
         }

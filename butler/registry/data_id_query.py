@@ -4,7 +4,7 @@ The query joins, on shared key columns, the tables that enumerate valid values o
 dimensions: the dimension tables, the ``visit_detector_region`` element when visit and detector
 are both present (so only observed combinations come back), and dataset tables when existence of
 datasets is required.  When observation dimensions (visit/detector) meet skymap dimensions
-(tract/patch), their HEALPix index tables are joined on the pixel number (a superset), and the
+(tract/patch), their HTM index tables are joined on the trixel id (a superset), and the
 exact polygon overlap test of :mod:`butler.registry.spatial` removes the false matches.
 """
 
@@ -20,7 +20,6 @@ import sqlalchemy as sa
 from ..dimensions import DataId
 from ..errors import DataIdError
 from ..queries import identifiers, parse_cached
-from ..regions import RegionBatch
 from .database import fetch_rows, read_connection
 
 if TYPE_CHECKING:
@@ -94,8 +93,8 @@ class DataIdQuery:
             if obs_element == "visit" and "visit" not in obs:
                 raise DataIdError("a spatial join needs a visit (detector alone has no sky region)")
             sky_element = "patch" if "patch" in sky else "tract"
-            obs_hpx = self.tables.hpx[obs_element].alias("obs_hpx")
-            sky_hpx = self.tables.hpx[sky_element].alias("sky_hpx")
+            obs_htm = self.tables.htm[obs_element].alias("obs_htm")
+            sky_htm = self.tables.htm[sky_element].alias("sky_htm")
             if obs_element in u.elements:
                 obs_keys = u.required_closure(u.elements[obs_element].requires)
             else:
@@ -108,10 +107,10 @@ class DataIdQuery:
             # nested scan (measured: 20 s instead of 1 s for a 12k-pair join).
             candidates = (
                 sa.select(
-                    *(_opaque(obs_hpx.c[k]).label(k) for k in obs_keys),
-                    *(_opaque(sky_hpx.c[k]).label(k) for k in sky_keys),
+                    *(_opaque(obs_htm.c[k]).label(k) for k in obs_keys),
+                    *(_opaque(sky_htm.c[k]).label(k) for k in sky_keys),
                 )
-                .select_from(obs_hpx.join(sky_hpx, sky_hpx.c.pix == obs_hpx.c.pix))
+                .select_from(obs_htm.join(sky_htm, sky_htm.c.pix == obs_htm.c.pix))
                 .distinct()
                 .subquery("candidates")
             )
@@ -226,13 +225,12 @@ class DataIdQuery:
         first = np.repeat(obs_ids, counts)
         starts = np.repeat(lo - np.concatenate(([0], np.cumsum(counts)[:-1])), counts)
         second = sky_ids_sorted[np.arange(counts.sum()) + starts]
-        pairs = np.unique(first * len(sky_list) + second)
+        pairs = np.sort(first * len(sky_list) + second)
+        pairs = pairs[np.concatenate(([True], pairs[1:] != pairs[:-1]))]
         first, second = pairs // len(sky_list), pairs % len(sky_list)
-        obs_vertices = self.registry.region_vertices(obs_element, obs_list)
-        sky_vertices = self.registry.region_vertices(sky_element, sky_list)
-        keep = RegionBatch([obs_vertices[k] for k in obs_list]).overlaps(
-            RegionBatch([sky_vertices[k] for k in sky_list]), first, second
-        )
+        obs_batch, obs_slots = self.registry.region_batch(obs_element, obs_list)
+        sky_batch, sky_slots = self.registry.region_batch(sky_element, sky_list)
+        keep = obs_batch.overlaps(sky_batch, obs_slots[first], sky_slots[second])
         names = (*obs_keys, *sky_keys)
         rows = [obs_list[i] + sky_list[j] for i, j in zip(first[keep].tolist(), second[keep].tolist(), strict=True)]
         if expression is not None:
@@ -245,19 +243,19 @@ class DataIdQuery:
         elif not (obs_sorted and sky_sorted):
             rows.sort()
         # Otherwise the pairs come sorted by (obs index, sky index), that is by key.
-        return [dict(zip(requested, key, strict=True)) for key in rows]
+        return [dict(zip(requested, key)) for key in rows]  # every key has len(requested) values
 
     def _index_rows(
         self, conn: Any, element: str, keys: tuple[str, ...], data_id: Mapping[str, Any]
     ) -> tuple[list[tuple], np.ndarray, np.ndarray, bool]:
-        """The HEALPix index of a spatial element: its distinct keys, and a key index and pixel per row.
+        """The HTM index of a spatial element: its distinct keys, and a key index and pixel per row.
 
         Returns ``(keys, ids, pixels, keys_sorted)``.  Keys fixed by ``data_id`` are filtered in
         SQL and not fetched; when the others are integers, they are numbered with numpy (sorted),
         which the benchmark shows pays over a dict of tuples for tens of thousands of rows.
         """
         u = self.universe
-        table = self.tables.hpx[element]
+        table = self.tables.htm[element]
         fixed = {k: u.coerce_value(k, data_id[k]) for k in keys if k in data_id}
         free = [k for k in keys if k not in fixed]
         query = sa.select(*(table.c[k] for k in free), table.c.pix).where(*(table.c[k] == v for k, v in fixed.items()))
@@ -311,12 +309,13 @@ class DataIdQuery:
             return rows
         obs_of = [tuple(r[i] for i in obs_positions) for r in rows]
         sky_of = [tuple(r[i] for i in sky_positions) for r in rows]
-        obs_vertices = self.registry.region_vertices(obs_element, list(dict.fromkeys(obs_of)))
-        sky_vertices = self.registry.region_vertices(sky_element, list(dict.fromkeys(sky_of)))
-        obs_index = {key: i for i, key in enumerate(obs_vertices)}
-        sky_index = {key: i for i, key in enumerate(sky_vertices)}
+        obs_keys = list(dict.fromkeys(obs_of))
+        sky_keys = list(dict.fromkeys(sky_of))
+        obs_batch, obs_slots = self.registry.region_batch(obs_element, obs_keys)
+        sky_batch, sky_slots = self.registry.region_batch(sky_element, sky_keys)
+        obs_index = dict(zip(obs_keys, obs_slots.tolist(), strict=True))
+        sky_index = dict(zip(sky_keys, sky_slots.tolist(), strict=True))
         first = np.fromiter((obs_index[k] for k in obs_of), dtype=np.int64, count=len(rows))
         second = np.fromiter((sky_index[k] for k in sky_of), dtype=np.int64, count=len(rows))
-        batch_obs = RegionBatch(list(obs_vertices.values()))
-        keep = batch_obs.overlaps(RegionBatch(list(sky_vertices.values())), first, second)
+        keep = obs_batch.overlaps(sky_batch, first, second)
         return [r for r, k in zip(rows, keep, strict=True) if k]

@@ -38,7 +38,7 @@ from .schema import COLLECTION_TYPES, SCHEMA_VERSION, RegistryTables, build_tabl
 from .where import WhereCompiler
 
 if TYPE_CHECKING:
-    from ..regions import SkyRegion
+    from ..regions import RegionBatch, SkyRegion
 
 __all__ = ["Registry", "CollectionInfo"]
 
@@ -82,6 +82,7 @@ class Registry:
         self._collections: dict[str, CollectionInfo] = {}
         self._expanded: dict[tuple, DataId] = {}
         self._region_cache: dict[str, dict[tuple, Any]] = {}
+        self._region_batches: dict[str, tuple[dict[tuple, int], RegionBatch]] = {}
         self._records: dict[str, dict[tuple, dict[str, Any]]] = {}
         self._record_statements: dict[str, Any] = {}
         self._where = WhereCompiler(self)
@@ -351,7 +352,8 @@ class Registry:
 
         Records name required and implied dimensions by dimension name, the element's own key by its
         key field (``id``/``name``) or its dimension name, other fields by field name, and the sky
-        region (spatial elements) as ``region`` (a :class:`~butler.regions.SkyRegion` or its dict).
+        region (spatial elements) as ``region`` (a :class:`~butler.regions.SkyRegion` or its dict;
+        dicts are validated together, see :meth:`SkyRegion.from_radec_many`).
 
         Raises
         ------
@@ -360,44 +362,55 @@ class Registry:
         DatasetExistsError
             A record exists already and ``skip_existing`` is False.
         """
-        rows, hpx_rows, table, hpx_table = self._record_rows(element, records)
+        columns, rows, index_rows, table, index_table = self._record_rows(element, records)
         if not rows:
             return 0
+        keys = [c.name for c in table.primary_key.columns]
+        index_columns = [*keys, "pix"]
+        if not skip_existing:
+            # Usually nothing exists yet: insert at once, and only after a conflict (which rolls
+            # the transaction back) look for the existing records to explain it.
+            try:
+                with write_transaction(self.engine) as conn:
+                    insert_many(conn, table, columns, rows)
+                    if index_table is not None:
+                        insert_many(conn, index_table, index_columns, index_rows)
+            except sa.exc.IntegrityError:
+                pass
+            else:
+                self._expanded.clear()
+                return len(rows)
+        positions = [columns.index(k) for k in keys]
         with write_transaction(self.engine) as conn:
-            keys = [c.name for c in table.primary_key.columns]
-            existing = self._existing_keys(conn, table, keys, rows)
+            existing = self._existing_keys(conn, table, keys, [tuple(r[p] for p in positions) for r in rows])
             if existing and not skip_existing:
                 raise DatasetExistsError(
                     f"{len(existing)} {element} record(s) already exist, e.g. "
                     f"{dict(zip(keys, sorted(existing)[0], strict=True))}; pass skip_existing=True to ignore them"
                 )
-            new_rows = [r for r in rows if tuple(r[k] for k in keys) not in existing]
-            if new_rows:
-                conn.execute(table.insert(), new_rows)
-                if hpx_table is not None:
-                    hpx_new = [h for h in hpx_rows if h[:-1] not in existing] if existing else hpx_rows
-                    if hpx_new:
-                        insert_many(conn, hpx_table, [*keys, "pix"], hpx_new)
+            new_rows = [r for r in rows if tuple(r[p] for p in positions) not in existing]
+            insert_many(conn, table, columns, new_rows)
+            if index_table is not None and new_rows:
+                index_new = [h for h in index_rows if h[:-1] not in existing] if existing else index_rows
+                insert_many(conn, index_table, index_columns, index_new)
         self._expanded.clear()
         return len(new_rows)
 
     @staticmethod
-    def _existing_keys(conn: Connection, table: sa.Table, keys: list[str], rows: list[dict]) -> set[tuple]:
+    def _existing_keys(conn: Connection, table: sa.Table, keys: list[str], wanted: list[tuple]) -> set[tuple]:
         found: set[tuple] = set()
         cols = [table.c[k] for k in keys]
         batch = 400
-        for start in range(0, len(rows), batch):
-            chunk = rows[start : start + batch]
-            cond = sa.tuple_(*cols).in_([tuple(r[k] for k in keys) for r in chunk]) if len(keys) > 1 else cols[0].in_(
-                [r[keys[0]] for r in chunk]
-            )
+        for start in range(0, len(wanted), batch):
+            chunk = wanted[start : start + batch]
+            cond = sa.tuple_(*cols).in_(chunk) if len(keys) > 1 else cols[0].in_([k[0] for k in chunk])
             found.update(tuple(row) for row in conn.execute(sa.select(*cols).where(cond)).all())
         return found
 
     def _record_rows(
         self, element: str, records: Iterable[Mapping[str, Any]]
-    ) -> tuple[list[dict], list[tuple], sa.Table, sa.Table | None]:
-        """Rows of the element's table, and ``(*keys, pix)`` rows of its HEALPix index."""
+    ) -> tuple[list[str], list[tuple], list[tuple], sa.Table, sa.Table | None]:
+        """Columns and rows of the element's table, and ``(*keys, pix)`` rows of its HTM index."""
         u = self.universe
         if element in u.dimensions:
             dim = u[element]
@@ -415,23 +428,33 @@ class Registry:
             raise DimensionNameError(
                 f"unknown dimension element {element!r}; known: {', '.join([*u.dimensions, *u.elements])}"
             )
-        hpx_table = self.tables.hpx.get(element)
-        rows: list[dict] = []
-        regions: list[SkyRegion] = []
-        region_keys: list[tuple] = []
+        key_names = (*required, *implied)
+        columns = [*key_names, *fields, *(["region"] if spatial_el else [])]
+        field_slot = {name: len(key_names) + i for i, name in enumerate(fields)}
+        # Values already checked by coerce_value, per dimension: records repeat them (instrument).
+        checked: dict[str, set] = {k: set() for k in key_names}
+        key_types = {k: u[k].key_type for k in key_names}
+        rows: list[list[Any]] = []
+        region_values: list[Any] = []
+        region_rows: list[int] = []
         for record in records:
             rec = dict(record)
             if own_key is not None and own_key in rec and own_key != element:
                 if element in rec and rec[element] != rec[own_key]:
                     raise DataIdError(f"{element} record gives both {own_key}={rec[own_key]!r} and {element}={rec[element]!r}")
                 rec[element] = rec.pop(own_key)
-            row: dict[str, Any] = {}
-            for key in (*required, *implied):
+            row: list[Any] = [None] * len(columns)  # every row has every column, for executemany
+            for slot, key in enumerate(key_names):
                 if key not in rec:
                     raise DataIdError(f"{element} record {record!r} is missing {key!r}")
-                row[key] = u.coerce_value(key, rec.pop(key))
+                value = rec.pop(key)
+                if type(value) is int and key_types[key] == "int" or type(value) is str and value in checked[key]:
+                    row[slot] = value
+                else:
+                    row[slot] = u.coerce_value(key, value)
+                    if type(row[slot]) is str:
+                        checked[key].add(row[slot])
             region = rec.pop("region", None)
-            row.update(dict.fromkeys(fields))  # every row has every column, for executemany
             for name, value in rec.items():
                 spec = fields.get(name)
                 if spec is None:
@@ -445,29 +468,30 @@ class Registry:
                         value = int(value)
                     elif not isinstance(value, spec.python_type):
                         raise DataIdError(f"{element}.{name} must be {spec.type}, got {value!r}")
-                row[name] = value
+                row[field_slot[name]] = value
             if spatial_el:
                 if region is None and element in u.elements:
                     raise DataIdError(f"{element} record {record!r} needs a region")
-                row["region"] = None
                 if region is not None:
-                    from .spatial import as_region
-
-                    sky_region = as_region(region)
-                    row["region"] = json.dumps(sky_region.to_dict())
-                    regions.append(sky_region)
-                    region_keys.append(tuple(row[k] for k in required))
+                    region_values.append(region)
+                    region_rows.append(len(rows))
             elif region is not None:
                 raise DataIdError(f"{element} is not spatial; it takes no region")
             rows.append(row)
-        hpx_rows: list[tuple] = []
-        if regions:
-            from ..regions import healpix_cover
+        index_rows: list[tuple] = []
+        if region_values:
+            from ..htm import htm_cover
+            from .spatial import as_regions, region_bytes
 
-            # One HEALPix cover for all the regions: one by one it cost more than the rest of the insert.
-            owner, pixels = healpix_cover(regions, u.healpix_nside)
-            hpx_rows = [(*region_keys[i], p) for i, p in zip(owner.tolist(), pixels.tolist(), strict=True)]
-        return rows, hpx_rows, table, hpx_table
+            regions = as_regions(region_values)
+            for i, sky_region in zip(region_rows, regions, strict=True):
+                rows[i][-1] = region_bytes(sky_region)
+            # One cover for all the regions: one by one it cost more than the rest of the insert.
+            owner, pixels = htm_cover(regions, u.htm_level)
+            n_keys = len(required)
+            region_keys = [tuple(rows[i][:n_keys]) for i in region_rows]
+            index_rows = [(*region_keys[i], p) for i, p in zip(owner.tolist(), pixels.tolist(), strict=True)]
+        return columns, [tuple(r) for r in rows], index_rows, table, self.tables.htm.get(element)
 
     def query_dimension_records(
         self,
@@ -509,9 +533,9 @@ class Registry:
             if own_key is not None and own_key != element:
                 rec[own_key] = rec.pop(element)
             if rec.get("region") is not None:
-                from .spatial import region_from_text
+                from .spatial import region_from_bytes
 
-                rec["region"] = region_from_text(rec["region"])
+                rec["region"] = region_from_bytes(rec["region"])
             out.append(rec)
         return out
 
@@ -522,6 +546,8 @@ class Registry:
         Keys without a region are left out.
         """
         import numpy as np
+
+        from .spatial import vertices_from_bytes
 
         cache = self._region_cache.setdefault(element, {})
         missing = [k for k in keys if k not in cache]
@@ -540,9 +566,34 @@ class Registry:
                     cond = sa.tuple_(*cols).in_(chunk) if len(cols) > 1 else cols[0].in_([c[0] for c in chunk])
                     for row in conn.execute(sa.select(*cols, table.c.region).where(cond)):
                         if row.region is not None:
-                            vertices = json.loads(row.region)["vertices"]
-                            cache[tuple(row[: len(cols)])] = np.asarray(vertices, dtype=np.float64)
+                            ra, dec = vertices_from_bytes(row.region)
+                            cache[tuple(row[: len(cols)])] = np.stack([ra, dec], axis=1)
         return {k: cache[k] for k in keys if k in cache}
+
+    def region_batch(self, element: str, keys: Sequence[tuple]) -> tuple[RegionBatch, Any]:
+        """A :class:`~butler.regions.RegionBatch` holding the regions of ``keys``, and their slots in it.
+
+        The batch holds every region of the element read so far and is kept for the life of the
+        registry (regions are immutable); it is rebuilt only when a key is new to it.  Building it
+        cost a sixth of a spatial join of ~3k regions (measured).
+
+        Raises
+        ------
+        KeyError
+            A key has no region.
+        """
+        import numpy as np
+
+        from ..regions import RegionBatch
+
+        cached = self._region_batches.get(element)
+        if cached is None or any(k not in cached[0] for k in keys):
+            self.region_vertices(element, keys)
+            vertices = self._region_cache[element]
+            cached = ({k: i for i, k in enumerate(vertices)}, RegionBatch(list(vertices.values())))
+            self._region_batches[element] = cached
+        slots, batch = cached
+        return batch, np.fromiter((slots[k] for k in keys), dtype=np.int64, count=len(keys))
 
     def _dimension_record(self, connection: Any, name: str, key: tuple) -> dict[str, Any] | None:
         """One dimension record by its key values; records never change, so hits are cached."""
@@ -862,7 +913,7 @@ class Registry:
         """Data IDs of the given dimensions that exist in the registry and satisfy the constraints.
 
         Observation dimensions (visit, detector) and skymap dimensions (tract, patch) in one query
-        are joined spatially: a HEALPix index prefilter in SQL, then an exact polygon overlap test.
+        are joined spatially: an HTM index prefilter, then an exact polygon overlap test.
 
         Parameters
         ----------

@@ -10,7 +10,9 @@ from ..dimensions import DimensionUniverse
 
 __all__ = ["RegistryTables", "build_tables", "COLLECTION_TYPES", "SCHEMA_VERSION"]
 
-SCHEMA_VERSION = 1
+#: 2: regions indexed by HTM trixels (``{element}_htm``), not HEALPix pixels, and stored as bytes
+#: (:mod:`butler.registry.spatial`), not JSON.
+SCHEMA_VERSION = 2
 
 #: Collection type names and their stored codes.
 COLLECTION_TYPES = {"RUN": 1, "TAGGED": 2, "CHAINED": 3}
@@ -31,8 +33,8 @@ class RegistryTables:
     dimensions: dict[str, sa.Table]
     regions: dict[str, sa.Table]
     """Spatial element name -> table of regions (dimension tables hold their own region column)."""
-    hpx: dict[str, sa.Table]
-    """Spatial element name -> HEALPix index table."""
+    htm: dict[str, sa.Table]
+    """Spatial element name -> its HTM index table: one row per (element keys, trixel touched)."""
     dataset_type: sa.Table
     collection: sa.Table
     collection_chain: sa.Table
@@ -50,7 +52,7 @@ def build_tables(universe: DimensionUniverse) -> RegistryTables:
         sa.Column("value", sa.Text, nullable=False),
     )
     dims: dict[str, sa.Table] = {}
-    hpx: dict[str, sa.Table] = {}
+    htm: dict[str, sa.Table] = {}
     regions: dict[str, sa.Table] = {}
     for name in universe.sorted(universe.dimensions):
         dim = universe[name]
@@ -63,7 +65,7 @@ def build_tables(universe: DimensionUniverse) -> RegistryTables:
         for spec in dim.fields:
             cols.append(sa.Column(spec.name, _SQL_TYPES[spec.type](), nullable=True))
         if dim.spatial:
-            cols.append(sa.Column("region", sa.Text, nullable=True))
+            cols.append(sa.Column("region", sa.LargeBinary, nullable=True))
         for parent in dim.requires:
             parent_keys = universe.required_closure([parent])
             cols.append(sa.ForeignKeyConstraint(list(parent_keys), [f"{parent}.{k}" for k in parent_keys]))
@@ -72,16 +74,16 @@ def build_tables(universe: DimensionUniverse) -> RegistryTables:
             cols.append(sa.ForeignKeyConstraint(list(implied_keys), [f"{implied}.{k}" for k in implied_keys]))
         dims[name] = sa.Table(name, md, *cols)
         if dim.spatial:
-            hpx[name] = _hpx_table(md, universe, name, required)
+            htm[name] = _htm_table(md, universe, name, required)
     for element in universe.elements.values():
         required = universe.required_closure(element.requires)
         cols = [sa.Column(r, _key_type(universe, r), primary_key=True, autoincrement=False) for r in required]
-        cols.append(sa.Column("region", sa.Text, nullable=False))
+        cols.append(sa.Column("region", sa.LargeBinary, nullable=False))
         for parent in element.requires:
             parent_keys = universe.required_closure([parent])
             cols.append(sa.ForeignKeyConstraint(list(parent_keys), [f"{parent}.{k}" for k in parent_keys]))
         regions[element.name] = sa.Table(element.name, md, *cols)
-        hpx[element.name] = _hpx_table(md, universe, element.name, required)
+        htm[element.name] = _htm_table(md, universe, element.name, required)
 
     dataset_type = sa.Table(
         "dataset_type",
@@ -136,15 +138,15 @@ def build_tables(universe: DimensionUniverse) -> RegistryTables:
         sa.Column("data_id_key", sa.String, nullable=False),
         sa.UniqueConstraint("collection_id", "dataset_type_id", "data_id_key", name="tag_unique"),
     )
-    return RegistryTables(md, attributes, dims, regions, hpx, dataset_type, collection, collection_chain, dataset, dataset_tag)
+    return RegistryTables(md, attributes, dims, regions, htm, dataset_type, collection, collection_chain, dataset, dataset_tag)
 
 
-def _hpx_table(md: sa.MetaData, universe: DimensionUniverse, element: str, keys: tuple[str, ...]) -> sa.Table:
+def _htm_table(md: sa.MetaData, universe: DimensionUniverse, element: str, keys: tuple[str, ...]) -> sa.Table:
     cols: list[sa.SchemaItem] = [
         sa.Column(k, _key_type(universe, k), primary_key=True, autoincrement=False) for k in keys
     ]
     cols.append(sa.Column("pix", sa.BigInteger, primary_key=True, autoincrement=False))
     cols.append(sa.ForeignKeyConstraint(list(keys), [f"{element}.{k}" for k in keys], ondelete="CASCADE"))
-    table = sa.Table(f"{element}_hpx", md, *cols)
-    sa.Index(f"{element}_hpx_pix", table.c.pix)
+    table = sa.Table(f"{element}_htm", md, *cols)
+    sa.Index(f"{element}_htm_pix", table.c.pix)
     return table

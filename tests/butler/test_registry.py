@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import sqlalchemy as sa
 
 from butler.errors import (
     CollectionTypeError,
@@ -194,3 +195,60 @@ def test_data_id_queries_and_finds_see_tagged_collections(butler):
     assert butler.query_datasets("flag", collections="best") == [ref]
     with pytest.raises(DatasetExistsError, match="already holds"):
         butler.registry.associate("best", [ref])
+
+
+def test_regions_given_as_dicts_are_validated_together_stored_exactly_and_indexed(tmp_path):
+    from butler.butler import Butler
+    from butler.htm import htm_cover
+    from butler.regions import SkyRegion
+
+    Butler.create(tmp_path / "r")
+    with Butler(tmp_path / "r", run="setup") as b:
+        b.insert_dimension_records("skymap", [{"name": "sky"}])
+        given = [
+            SkyRegion.from_radec([10.0, 10.3, 10.3, 10.0], [-5.0, -5.0, -4.7, -4.7]),
+            SkyRegion.from_radec([10.2, 10.5, 10.35], [-4.9, -4.9, -4.5]),
+            SkyRegion.from_radec([10.0, 11.0, 10.5, 11.0, 10.0], [-6.0, -6.0, -5.5, -5.0, -5.0]),  # non-convex
+        ]
+        records = [{"skymap": "sky", "id": i, "region": r.to_dict()} for i, r in enumerate(given)]
+        assert b.insert_dimension_records("tract", records) == 3
+        stored = b.query_dimension_records("tract")
+        assert [r["region"] for r in stored] == given  # the exact vertices, back from the bytes
+        table = b.registry.tables.htm["tract"]
+        with b.registry.engine.connect() as conn:
+            rows = sorted(conn.execute(sa.select(table.c.tract, table.c.pix)).all())
+        owner, pixels = htm_cover(given, b.registry.universe.htm_level)
+        assert rows == sorted(zip(owner.tolist(), pixels.tolist(), strict=True))
+        # Existing records are skipped with their index rows; a bad region is refused.
+        assert b.insert_dimension_records("tract", records, skip_existing=True) == 0
+        with b.registry.engine.connect() as conn:
+            assert len(conn.execute(sa.select(table.c.pix)).all()) == len(rows)
+        with pytest.raises(Exception, match="coincide"):
+            b.insert_dimension_records("tract", [{"skymap": "sky", "id": 9, "region": {"vertices": [[1, 1], [1, 1], [2, 2]]}}])
+        assert b.query_data_ids(["tract"], where="tract = 9") == []
+
+
+def test_a_registry_of_another_schema_version_is_refused_clearly(tmp_path):
+    import sqlite3
+
+    from butler.butler import Butler
+
+    Butler.create(tmp_path / "old")
+    con = sqlite3.connect(tmp_path / "old" / "registry.sqlite3")
+    con.execute("UPDATE butler_attributes SET value = '1' WHERE name = 'schema_version'")
+    con.commit()
+    con.close()
+    with pytest.raises(DataIdError, match="schema version 1; this diapipe reads 2"):
+        Butler(tmp_path / "old")
+
+
+def test_registry_region_bytes_round_trip_exactly():
+    from butler.errors import DataModelError
+    from butler.regions import SkyRegion
+    from butler.registry.spatial import region_bytes, region_from_bytes, vertices_from_bytes
+
+    region = SkyRegion([359.999999999, 0.1 / 3, 0.1], [-1e-9, 0.0, 2.0 / 3])
+    back = region_from_bytes(region_bytes(region))
+    assert back == region and len(region_bytes(region)) == 6 * 8
+    with pytest.raises(DataModelError, match="3 or more"):
+        vertices_from_bytes(region_bytes(region)[:32])
