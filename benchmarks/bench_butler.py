@@ -151,8 +151,11 @@ class OursSide:
     def close(self, butler: Any) -> None:
         butler.close()
 
-    def region(self, corners: Corners) -> Any:
-        return self.SkyRegion.from_radec([c[0] for c in corners], [c[1] for c in corners])
+    def regions(self, corner_lists: list[Corners]) -> list[Any]:
+        # All at once: SkyRegion.from_radec_many validates same-sized polygons together.
+        return self.SkyRegion.from_radec_many(
+            [[c[0] for c in corners] for corners in corner_lists], [[c[1] for c in corners] for corners in corner_lists]
+        )
 
     def insert_base(self, b: Any, n_detectors: int, visits: list[tuple[int, Corners | None]]) -> None:
         b.insert_dimension_records("instrument", [{"name": INSTRUMENT, "detector_max": 1000, "visit_max": 100000}])
@@ -161,27 +164,32 @@ class OursSide:
         b.insert_dimension_records(
             "detector", [{"instrument": INSTRUMENT, "id": d, "full_name": f"S{d:03d}"} for d in range(n_detectors)]
         )
+        with_region = [(v, c) for v, c in visits if c]
+        regions = dict(zip([v for v, _ in with_region], self.regions([c for _, c in with_region]), strict=True))
         b.insert_dimension_records(
             "visit",
             [
                 {"instrument": INSTRUMENT, "id": v, "name": f"v{v}", "physical_filter": FILTER,
-                 **({"region": self.region(c)} if c else {})}
-                for v, c in visits
+                 **({"region": regions[v]} if v in regions else {})}
+                for v, _ in visits
             ],
         )
 
     def insert_spatial(self, b: Any, geom: dict[str, Any]) -> None:
+        vdr_regions = self.regions([c for _, _, c in geom["vdr"]])
         b.insert_dimension_records(
             "visit_detector_region",
-            [{"instrument": INSTRUMENT, "visit": v, "detector": d, "region": self.region(c)} for v, d, c in geom["vdr"]],
+            [{"instrument": INSTRUMENT, "visit": v, "detector": d, "region": r}
+             for (v, d, _), r in zip(geom["vdr"], vdr_regions, strict=True)],
         )
         b.insert_dimension_records("skymap", [{"name": SKYMAP, "tract_max": 1}])
-        b.insert_dimension_records("tract", [{"skymap": SKYMAP, "id": 0, "region": self.region(geom["tract"])}])
+        b.insert_dimension_records("tract", [{"skymap": SKYMAP, "id": 0, "region": self.regions([geom["tract"]])[0]}])
+        patch_regions = self.regions([c for _, _, _, c in geom["patches"]])
         b.insert_dimension_records(
             "patch",
             [
-                {"skymap": SKYMAP, "tract": 0, "id": p, "cell_x": i, "cell_y": j, "region": self.region(c)}
-                for p, i, j, c in geom["patches"]
+                {"skymap": SKYMAP, "tract": 0, "id": p, "cell_x": i, "cell_y": j, "region": r}
+                for (p, i, j, _), r in zip(geom["patches"], patch_regions, strict=True)
             ],
         )
 
