@@ -93,6 +93,28 @@ class DatasetRef:
         )
         return ref
 
+    @classmethod
+    def many_from_registry(
+        cls, dataset_type: DatasetType, dimensions: tuple[str, ...], rows: list[tuple], run: str
+    ) -> list[DatasetRef]:
+        """Refs from registry rows ``(*data ID values in dimensions order, id, path)`` of one run.
+
+        :meth:`from_registry` in one loop, without a call per ref: a query of ~2k refs spent a
+        quarter of its time in those calls (measured).
+        """
+        n = len(dimensions)
+        new, set_attribute = object.__new__, object.__setattr__
+        refs = []
+        for row in rows:
+            ref = new(cls)
+            set_attribute(
+                ref,
+                "__dict__",
+                {"dataset_type": dataset_type, "data_id": dict(zip(dimensions, row)), "run": run, "id": row[n], "path": row[n + 1]},
+            )
+            refs.append(ref)
+        return refs
+
     @property
     def required_data_id(self) -> dict[str, Any]:
         """The data ID restricted to the dataset type's required dimensions."""
