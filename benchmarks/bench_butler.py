@@ -395,8 +395,9 @@ def _raw_query_floor(db: str, repeat: int) -> tuple[float, int]:
         type_id = con.execute("SELECT id FROM dataset_type WHERE name = 'bench_dict'").fetchone()[0]
         run_id = con.execute("SELECT id FROM collection WHERE name = ?", (RUN,)).fetchone()[0]
         sql = (
-            "SELECT id, path, instrument, band, physical_filter, visit, detector, run_id FROM dataset "
-            "WHERE dataset_type_id = ? AND instrument = ? AND visit > ? AND detector = ? AND run_id IN (?)"
+            "SELECT instrument, band, physical_filter, visit, detector, id, path FROM dataset "
+            "WHERE dataset_type_id = ? AND instrument = ? AND visit > ? AND detector = ? AND run_id = ? "
+            "ORDER BY instrument, visit, detector"
         )
         times, count = [], -1
         for _ in range(repeat):
