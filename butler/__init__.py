@@ -6,8 +6,7 @@ command's ``--help``, do not pay for importing numpy, astropy or zarr.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from butler.lazy import attach
 
 _LAZY: dict[str, str] = {
     # geometry and masks
@@ -37,17 +36,4 @@ _LAZY: dict[str, str] = {
     "PatchInfo": "butler.skymap",
 }
 
-__all__ = sorted(_LAZY)
-
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'butler' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__, __all__ = attach(__name__, _LAZY)

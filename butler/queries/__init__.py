@@ -11,8 +11,7 @@ SQLAlchemy until needed.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from butler.lazy import attach
 
 _LAZY: dict[str, str] = {
     "parse": "butler.queries.grammar",
@@ -29,17 +28,4 @@ _LAZY: dict[str, str] = {
     "RANGE_EXPANSION_LIMIT": "butler.queries.sql",
 }
 
-__all__ = sorted(_LAZY)
-
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__, __all__ = attach(__name__, _LAZY)

@@ -18,8 +18,7 @@ Names are imported lazily so that worker processes can unpickle
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from butler.lazy import attach
 
 _LAZY: dict[str, str] = {
     "Executor": "pipeline.executors.base",
@@ -36,17 +35,4 @@ _LAZY: dict[str, str] = {
     "configure_worker": "pipeline.executors.hygiene",
 }
 
-__all__ = sorted(_LAZY)
-
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'pipeline.executors' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__, __all__ = attach(__name__, _LAZY)
