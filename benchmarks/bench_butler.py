@@ -616,7 +616,7 @@ def print_table(ours: dict[str, Any], lsst: dict[str, Any] | None, n: dict[str, 
     time_row(f"put small dict, latency (median of {n['latency']})", "put")
     a, b = get(ours, "put_power"), get(lsst, "put")
     rows.append((
-        f"  same, ours durability='power' (vs LSST's only level)",
+        "  same, ours durability='power' (vs LSST's only level)",
         _fmt_time(a),
         _fmt_time(b) if have else "skipped",
         f"{b / a:.1f}x" if a and b else "-",

@@ -16,7 +16,6 @@ thousands of regions per insert, and this replaces ~1 s of astropy import and ~6
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 

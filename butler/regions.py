@@ -2,8 +2,8 @@
 
 :class:`SkyRegion` wraps :class:`spherical_geometry.polygon.SphericalPolygon` (BSD-3,
 spacetelescope) and adds what the butler needs on top of it: validation with clear errors,
-vectorized point containment, a cheap bounding circle, a conservative HEALPix cover for registry
-index prefilters, and plain-data serialization.
+vectorized point containment, a cheap bounding circle, the edge normals the registry's HTM cover
+(:mod:`butler.htm`) tests trixels against, and plain-data serialization.
 
 Conventions
 -----------
@@ -30,7 +30,7 @@ from spherical_geometry.polygon import SphericalPolygon
 
 from .errors import DataModelError
 
-__all__ = ["SkyRegion", "RegionBatch", "healpix_cover"]
+__all__ = ["SkyRegion", "RegionBatch"]
 
 _LOG = logging.getLogger(__name__)
 
@@ -40,11 +40,6 @@ _DUPLICATE_TOLERANCE_RAD = 1e-10
 _MIN_AREA_SR = 1e-18
 # Slack (in units of sin(angle)) allowed when deciding that a polygon is convex.
 _CONVEXITY_TOLERANCE = 1e-12
-# Upper bound of a HEALPix pixel's "radius" (largest distance from its centre to any point of
-# the pixel) in units of the pixel resolution sqrt(pixel area).  Measured with astropy-healpix
-# boundaries: the ratio rises from 0.82 (nside=1) to 1.044 (nside=256) and converges near 1.045;
-# 1.1 leaves a 5% margin.
-_HEALPIX_MAX_RADIUS_FACTOR = 1.1
 
 
 def _as_float_array(values: ArrayLike, name: str) -> NDArray[np.float64]:
@@ -845,29 +840,6 @@ class SkyRegion:
             or other._contains_xyz(self._inside()[None, :])[0]
         )
 
-    # ------------------------------------------------------------------ HEALPix
-
-    def healpix_pixels(self, nside: int, order: str = "nested") -> NDArray[np.int64]:
-        """HEALPix pixels that may touch the region (a superset; never misses one).
-
-        Parameters
-        ----------
-        nside : int
-            HEALPix resolution parameter, a power of 2.
-        order : {"nested", "ring"}
-            Pixel numbering scheme.
-
-        Returns
-        -------
-        numpy.ndarray of int64
-            Sorted, unique pixel indices.
-
-        Notes
-        -----
-        The single-region case of :func:`healpix_cover`, which describes the method.
-        """
-        return healpix_cover([self], nside, order)[1]
-
     # ------------------------------------------------------------------ serialization, dunder
 
     def to_dict(self) -> dict[str, Any]:
@@ -891,111 +863,6 @@ class SkyRegion:
     def __repr__(self) -> str:
         pairs = ", ".join(f"({r:.6f}, {d:.6f})" for r, d in zip(self._ra, self._dec, strict=True))
         return f"SkyRegion([{pairs}])"
-
-
-def _check_nside(nside: Any) -> int:
-    if isinstance(nside, bool) or not isinstance(nside, (int, np.integer)):
-        raise DataModelError(f"HEALPix nside must be a power-of-2 integer, got {nside!r}")
-    value = int(nside)
-    if value < 1 or value & (value - 1) or value > 2**29:
-        raise DataModelError(f"HEALPix nside must be a power of 2 between 1 and 2**29, got {value}")
-    return value
-
-
-def _pixel_radius_rad(nside: int) -> float:
-    """An upper bound of the distance from a pixel's centre to any point of the pixel."""
-    return _HEALPIX_MAX_RADIUS_FACTOR * math.sqrt(4.0 * math.pi / (12 * nside * nside))
-
-
-def healpix_cover(
-    regions: Sequence[SkyRegion], nside: int, order: str = "nested"
-) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
-    """HEALPix pixels that may touch each of many regions (supersets; never missing one).
-
-    Parameters
-    ----------
-    regions : sequence of SkyRegion
-        The regions.
-    nside : int
-        HEALPix resolution parameter, a power of 2.
-    order : {"nested", "ring"}
-        Pixel numbering scheme.
-
-    Returns
-    -------
-    region_index, pixels : numpy.ndarray of int64
-        One entry per (region, pixel) pair, sorted by region index then pixel, without repeats.
-
-    Notes
-    -----
-    A pixel is kept when its centre lies within the region's bounding circle grown by an upper
-    bound ``pad`` of the pixel radius (so every pixel touching the region qualifies) and, for a
-    convex region, no edge's great circle has the centre more than ``pad`` beyond it.  The pixels
-    of the vertices and of an interior point are always kept.
-
-    The centres are found by descending the nested hierarchy from the 12 base pixels, for all
-    regions at once: at each level a pixel is refined only if its centre is within the grown
-    circle plus that level's pixel radius, which holds for every ancestor of a qualifying pixel.
-    Vectorized over regions because the benchmark shows it pays: per-region cone searches cost
-    ~0.5 ms each, ~10x this.
-    """
-    from astropy_healpix import core as hp
-
-    nside = _check_nside(nside)
-    if order not in ("nested", "ring"):
-        raise DataModelError(f"HEALPix order must be 'nested' or 'ring', got {order!r}")
-    n = len(regions)
-    if n == 0:
-        empty = np.zeros(0, dtype=np.int64)
-        return empty, empty.copy()
-    pad = _pixel_radius_rad(nside)
-    centers = np.stack([r._center_xyz for r in regions])
-    reach = np.array([r._radius_rad for r in regions]) + pad
-
-    def close(owner: NDArray[np.int64], xyz: NDArray[np.float64], slack: float) -> NDArray[np.bool_]:
-        limit = reach[owner] + slack
-        cos_sep = np.einsum("ki,ki->k", xyz, centers[owner])
-        return (limit >= math.pi) | (cos_sep >= np.cos(np.minimum(limit, math.pi)) - 1e-12)
-
-    owner = np.repeat(np.arange(n, dtype=np.int64), 12)
-    pixels = np.tile(np.arange(12, dtype=np.int64), n)
-    level_nside = 1
-    while True:
-        xyz = np.stack(hp.healpix_to_xyz(pixels, level_nside, order="nested"), axis=-1)
-        if level_nside == nside:
-            keep = close(owner, xyz, 0.0)
-            owner, pixels, xyz = owner[keep], pixels[keep], xyz[keep]
-            break
-        keep = close(owner, xyz, _pixel_radius_rad(level_nside))
-        owner = np.repeat(owner[keep], 4)
-        pixels = (pixels[keep][:, None] * 4 + np.arange(4, dtype=np.int64)).ravel()
-        level_nside *= 2
-
-    if pad < math.pi / 2:
-        convex = np.array([r._convex for r in regions])
-        width = max(len(r._normals) for r in regions)
-        # Edge normals padded to one width by repeating the first (a repeat changes no test).
-        normals = np.stack([np.concatenate([r._normals, np.repeat(r._normals[:1], width - len(r._normals), axis=0)])
-                            for r in regions])
-        beyond = np.any(np.einsum("kni,ki->kn", normals[owner], xyz) < -math.sin(pad) - 1e-12, axis=1)
-        keep = ~(convex[owner] & beyond)
-        owner, pixels = owner[keep], pixels[keep]
-
-    anchor_xyz = np.concatenate([np.concatenate([r._xyz, r._inside()[None, :]]) for r in regions])
-    anchor_owner = np.repeat(np.arange(n, dtype=np.int64), [r.num_vertices + 1 for r in regions])
-    anchors = np.asarray(
-        hp.xyz_to_healpix(anchor_xyz[:, 0], anchor_xyz[:, 1], anchor_xyz[:, 2], nside, order="nested"),
-        dtype=np.int64,
-    )
-    owner = np.concatenate([owner, anchor_owner])
-    pixels = np.concatenate([pixels, anchors])
-    if order == "ring":
-        pixels = np.asarray(hp.nested_to_ring(pixels, nside), dtype=np.int64)
-    sort = np.lexsort((pixels, owner))
-    owner, pixels = owner[sort], pixels[sort]
-    first = np.ones(len(owner), dtype=bool)
-    first[1:] = (owner[1:] != owner[:-1]) | (pixels[1:] != pixels[:-1])
-    return owner[first], pixels[first]
 
 
 def _pixel_to_radec(wcs: Any, x: ArrayLike, y: ArrayLike) -> tuple[NDArray[np.float64], NDArray[np.float64]]:

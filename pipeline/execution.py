@@ -210,7 +210,7 @@ class ExecutionReport:
 # ---------------------------------------------------------------------- provenance helpers
 _PACKAGES = (
     "diapipe", "numpy", "scipy", "astropy", "dask", "distributed", "zarr", "numcodecs", "networkx",
-    "pyarrow", "sqlalchemy", "pydantic", "photutils", "reproject", "spherical-geometry", "astropy-healpix",
+    "pyarrow", "sqlalchemy", "pydantic", "photutils", "reproject", "spherical-geometry",
     "cloudpickle", "rich",
 )
 

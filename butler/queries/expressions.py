@@ -66,7 +66,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from butler.errors import InvalidQueryError, _line_and_column, format_caret
+from butler.errors import InvalidQueryError, format_caret
 
 if TYPE_CHECKING:  # pragma: no cover
     import astropy.time

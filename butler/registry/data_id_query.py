@@ -100,7 +100,7 @@ class DataIdQuery:
             else:
                 obs_keys = u.required_closure([obs_element])
             sky_keys = u.required_closure([sky_element])
-            # Candidate pairs sharing a HEALPix pixel, made distinct in a subquery first: joined
+            # Candidate pairs sharing an HTM trixel, made distinct in a subquery first: joined
             # directly with the dimension tables, SQLite picked a join order 50x slower.  The keys
             # leave the subquery as expressions so that constraints pushed into it (instrument =
             # ?) cannot make SQLite answer them with the key index and drop the pixel join to a

@@ -28,7 +28,6 @@ from ..errors import (
     DataIdError,
     DimensionNameError,
     DimensionRecordNotFoundError,
-    InvalidQueryError,
     MissingCollectionError,
     MissingDatasetTypeError,
 )
@@ -38,7 +37,7 @@ from .schema import COLLECTION_TYPES, SCHEMA_VERSION, RegistryTables, build_tabl
 from .where import WhereCompiler
 
 if TYPE_CHECKING:
-    from ..regions import RegionBatch, SkyRegion
+    from ..regions import RegionBatch
 
 __all__ = ["Registry", "CollectionInfo"]
 
@@ -771,7 +770,6 @@ class Registry:
         tag_ids = [c.id for c in colls if c.type == "TAGGED"]
         d = self.tables.dataset
         dims = self.universe.full_closure(dt.dimensions)
-        n_required = len(dt.dimensions)
         conditions = [d.c.dataset_type_id == type_id]
         for key, value in (data_id or {}).items():
             if key not in dims:

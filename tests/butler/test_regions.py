@@ -1,4 +1,4 @@
-"""Sky regions: containment, overlap, HEALPix covers and serialization.
+"""Sky regions: containment, overlap and serialization.
 
 The reference answers come from elsewhere than the code under test: a gnomonic (TAN) WCS made
 here maps great circles to straight lines, so a polygon drawn in its pixel plane is exactly the
@@ -16,12 +16,12 @@ import astropy.units as u
 import numpy as np
 import pytest
 from astropy.wcs import WCS
-from astropy_healpix import HEALPix
 from spherical_geometry.polygon import SphericalPolygon
 
 from butler.errors import DataModelError
 from butler.geometry import Box
-from butler.regions import SkyRegion, healpix_cover
+from butler.htm import htm_cover
+from butler.regions import SkyRegion
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -335,101 +335,6 @@ def test_non_convex_region_uses_library_path():
     assert region.overlaps(across) and across.overlaps(region)
 
 
-# ------------------------------------------------------------------------------ HEALPix
-
-
-def _touched_pixels(wcs: WCS, poly: np.ndarray, nside: int, order: str, rng) -> np.ndarray:
-    pts = sample_polygon(rng, poly, 5000, 3000)
-    ra, dec = to_sky(wcs, pts)
-    return np.unique(HEALPix(nside, order=order).lonlat_to_healpix(ra * u.deg, dec * u.deg))
-
-
-@pytest.mark.parametrize(
-    ("center", "scale_arcsec", "size", "nsides"),
-    [
-        ((45.0, 10.0), 0.2, 2100, (64, 256, 1024, 4096)),  # a detector: ~0.12 deg half-size
-        ((0.0, 0.0), 0.2, 2100, (256, 1024)),  # straddling RA = 0 and the equator
-        ((77.0, 89.9), 0.2, 2100, (256, 1024)),  # the north pole inside
-        ((300.0, -60.0), 10.0, 1500, (16, 64, 256)),  # ~4 deg across
-    ],
-)
-def test_healpix_pixels_never_miss_a_touched_pixel(center, scale_arcsec, size, nsides):
-    rng = np.random.default_rng(5)
-    wcs = tan_wcs(*center, scale_arcsec=scale_arcsec, rotation_deg=float(rng.uniform(0, 90)))
-    for trial in range(3):
-        poly = random_convex(rng, rng.uniform(-size / 3, size / 3, 2), size, n=int(rng.integers(3, 7)))
-        region = region_from_plane(wcs, poly)
-        for nside in nsides:
-            for order in ("nested", "ring"):
-                got = region.healpix_pixels(nside, order=order)
-                assert got.dtype == np.int64 and np.all(np.diff(got) > 0)
-                touched = _touched_pixels(wcs, poly, nside, order, rng)
-                missing = np.setdiff1d(touched, got)
-                assert missing.size == 0, f"nside={nside} {order}: missed {missing}"
-                # a prefilter, not the whole sky: bounded by the touched set plus a ring
-                assert got.size <= 4 * touched.size + 16
-
-
-def test_healpix_pixels_of_a_tiny_region_near_pixel_corners():
-    # regions much smaller than a pixel, centred on pixel corners, touch up to 4 pixels
-    hp = HEALPix(256, order="nested")
-    lon, lat = hp.boundaries_lonlat(np.array([1000, 300000, 700000]), step=1)
-    for ra0, dec0 in zip(lon.deg.ravel(), lat.deg.ravel(), strict=True):
-        wcs = tan_wcs(ra0, dec0, scale_arcsec=0.2)
-        poly = np.array([[-20.0, -20.0], [20.0, -20.0], [20.0, 20.0], [-20.0, 20.0]])
-        region = region_from_plane(wcs, poly)
-        got = region.healpix_pixels(256)
-        touched = _touched_pixels(wcs, poly, 256, "nested", np.random.default_rng(6))
-        assert np.setdiff1d(touched, got).size == 0
-        assert got.size <= 12
-
-
-def test_healpix_cover_finds_every_qualifying_pixel_centre_and_matches_single_regions():
-    # The cover descends the nested hierarchy; compare with a scan of every pixel centre.
-    nside = 64
-    hp = HEALPix(nside, order="nested")
-    lon, lat = hp.healpix_to_lonlat(np.arange(hp.npix))
-    rng = np.random.default_rng(7)
-    regions = []
-    for _ in range(12):
-        wcs = tan_wcs(rng.uniform(0, 360), rng.uniform(-89, 89), scale_arcsec=float(rng.uniform(0.5, 20.0)))
-        poly = random_convex(rng, (0.0, 0.0), 1500.0, n=int(rng.integers(3, 7)))
-        if rng.uniform() < 0.3:
-            poly = random_star(rng, (0.0, 0.0), 1500.0, 7)
-        regions.append(region_from_plane(wcs, poly))
-    owner, pixels = healpix_cover(regions, nside)
-    pad = 1.1 * hp.pixel_resolution.to_value(u.rad)
-    centres = np.stack([np.cos(lat.rad) * np.cos(lon.rad), np.cos(lat.rad) * np.sin(lon.rad), np.sin(lat.rad)], axis=1)
-    for k, region in enumerate(regions):
-        ra, dec, radius = region.bounding_circle()
-        expected = np.flatnonzero(_separation_deg(ra, dec, lon.deg, lat.deg) <= radius + np.degrees(pad) - 1e-9)
-        if region.is_convex:
-            normals = region._normals
-            expected = expected[np.all(centres[expected] @ normals.T >= -np.sin(pad), axis=1)]
-        got = pixels[owner == k]
-        assert np.all(np.isin(expected, got)), f"region {k}: missed {np.setdiff1d(expected, got)}"
-        assert np.array_equal(got, region.healpix_pixels(nside))
-        assert np.array_equal(np.sort(hp_ring(got, nside)), region.healpix_pixels(nside, order="ring"))
-    empty_owner, empty_pixels = healpix_cover([], nside)
-    assert empty_owner.size == 0 and empty_pixels.size == 0
-
-
-def hp_ring(nested: np.ndarray, nside: int) -> np.ndarray:
-    from astropy_healpix.core import nested_to_ring
-
-    return np.asarray(nested_to_ring(nested, nside), dtype=np.int64)
-
-
-def test_healpix_pixels_rejects_bad_arguments():
-    region = SkyRegion.from_radec([10.0, 10.2, 10.2, 10.0], [20.0, 20.0, 20.2, 20.2])
-    with pytest.raises(DataModelError, match="power of 2"):
-        region.healpix_pixels(100)
-    with pytest.raises(DataModelError, match="power-of-2 integer"):
-        region.healpix_pixels(64.0)
-    with pytest.raises(DataModelError, match="'nested' or 'ring'"):
-        region.healpix_pixels(64, order="NEST")
-
-
 # ------------------------------------------------------------------------------ serialization
 
 
@@ -493,7 +398,7 @@ def test_from_radec_many_builds_the_same_regions_as_one_at_a_time():
         _slots_equal(one, region)
     assert not many[-3].is_convex and many[-2].num_vertices == 4  # closing vertex dropped
     for region in many[:5]:
-        assert region.healpix_pixels(64).tolist() == SkyRegion(*region.vertices_radec()).healpix_pixels(64).tolist()
+        assert htm_cover([region], 7)[1].tolist() == htm_cover([SkyRegion(*region.vertices_radec())], 7)[1].tolist()
     square = SkyRegion.from_radec_many(np.array([[1.0, 2.0, 2.0, 1.0]]), np.array([[0.0, 0.0, 1.0, 1.0]]))
     assert square == [SkyRegion([1.0, 2.0, 2.0, 1.0], [0.0, 0.0, 1.0, 1.0])]
     assert SkyRegion.from_radec_many([], []) == []
