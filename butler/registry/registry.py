@@ -33,7 +33,7 @@ from ..errors import (
 )
 from ..refs import DatasetRef, DatasetType, data_id_key
 from .database import fetch_rows, insert_many, insert_or_ignore, make_engine, read_connection, write_transaction
-from .schema import COLLECTION_TYPES, SCHEMA_VERSION, RegistryTables, build_tables
+from .schema import COLLECTION_TYPES, SCHEMA_VERSION, RegistryTables, tables_for
 from .where import WhereCompiler
 
 if TYPE_CHECKING:
@@ -75,7 +75,7 @@ class Registry:
     def __init__(self, engine: Engine, universe: DimensionUniverse) -> None:
         self.engine = engine
         self.universe = universe
-        self.tables: RegistryTables = build_tables(universe)
+        self.tables: RegistryTables = tables_for(universe)
         self._lock = threading.Lock()
         self._dataset_types: dict[str, tuple[int, DatasetType]] = {}
         self._collections: dict[str, CollectionInfo] = {}
@@ -93,8 +93,9 @@ class Registry:
         engine = make_engine(db)
         registry = cls(engine, universe)
         with write_transaction(engine) as conn:
-            # A new database: no need to ask SQLite whether each table exists first.
-            registry.tables.metadata.create_all(conn, checkfirst=False)
+            # A new database: create_all's statements without asking whether each table exists.
+            for statement in registry.tables.create_statements(conn.dialect):
+                conn.exec_driver_sql(statement)
             conn.execute(
                 registry.tables.attributes.insert(),
                 [
