@@ -11,10 +11,13 @@ written by the caller only after the file is complete.
 
 from __future__ import annotations
 
+import functools
+import importlib
 import logging
 import os
 import re
 import shutil
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,12 +108,14 @@ def storage_class(name: str) -> StorageClass:
         ) from None
 
 
-def _check_type(obj: Any, sc: StorageClass, where: str) -> None:
-    module_name, _, type_name = sc.python_type.rpartition(".")
-    import importlib
+@functools.cache
+def _python_type(dotted_name: str) -> type:
+    module_name, _, type_name = dotted_name.rpartition(".")
+    return getattr(importlib.import_module(module_name), type_name)
 
-    expected = getattr(importlib.import_module(module_name), type_name)
-    if not isinstance(obj, expected):
+
+def _check_type(obj: Any, sc: StorageClass, where: str) -> None:
+    if not isinstance(obj, _python_type(sc.python_type)):
         raise FormatError(f"{where}: storage class {sc.name} stores {sc.python_type}, got {type(obj).__name__}")
 
 
@@ -241,8 +246,7 @@ class FileDatastore:
         _check_type(obj, sc, f"put of {ref.dataset_type.name}")
         fmt = self.formatter_for(sc.name)
         rel = self.path_for(ref, fmt)
-        target = self.root / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
+        target = self.root / rel  # the atomic writers create missing parent folders
         try:
             _write(fmt, obj, sc, target, self.fsync)
         except BaseException:
@@ -323,7 +327,8 @@ class FileDatastore:
 
 
 def _size(path: Path) -> int:
-    if path.is_dir():
+    info = os.stat(path)
+    if stat.S_ISDIR(info.st_mode):
         return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-    return path.stat().st_size
+    return info.st_size
 

@@ -205,8 +205,32 @@ class DimensionUniverse:
             self[name]
         return tuple(sorted(names, key=self.order.__getitem__))
 
+    @cached_property
+    def _closures(self) -> dict[tuple[str, frozenset[str]], tuple[str, ...]]:
+        """Memo of the closures below: a put asked for eight of them (~70 us, measured)."""
+        return {}
+
+    def _memo(self, kind: str, names: Iterable[str]) -> tuple[str, ...]:
+        key = (kind, frozenset(names))
+        found = self._closures.get(key)
+        if found is None:
+            compute = {"required": self._required, "implied": self._implied, "full": self._full}[kind]
+            found = self._closures[key] = compute(key[1])
+        return found
+
     def required_closure(self, names: Iterable[str]) -> tuple[str, ...]:
         """The names plus everything they require, recursively (the keys of a full data ID)."""
+        return self._memo("required", names)
+
+    def implied_closure(self, names: Iterable[str]) -> tuple[str, ...]:
+        """Dimensions implied (recursively, through requires too) by the names and not among them."""
+        return self._memo("implied", names)
+
+    def full_closure(self, names: Iterable[str]) -> tuple[str, ...]:
+        """Required and implied dimensions of ``names``."""
+        return self._memo("full", names)
+
+    def _required(self, names: frozenset[str]) -> tuple[str, ...]:
         out: set[str] = set()
         todo = list(names)
         while todo:
@@ -216,8 +240,7 @@ class DimensionUniverse:
                 todo.extend(dim.requires)
         return self.sorted(out)
 
-    def implied_closure(self, names: Iterable[str]) -> tuple[str, ...]:
-        """Dimensions implied (recursively, through requires too) by the names and not among them."""
+    def _implied(self, names: frozenset[str]) -> tuple[str, ...]:
         required = set(self.required_closure(names))
         out: set[str] = set()
         todo = [imp for name in required for imp in self.dimensions[name].implies]
@@ -231,8 +254,7 @@ class DimensionUniverse:
             todo.extend(dim.requires)
         return self.sorted(out - required)
 
-    def full_closure(self, names: Iterable[str]) -> tuple[str, ...]:
-        """Required and implied dimensions of ``names``."""
+    def _full(self, names: frozenset[str]) -> tuple[str, ...]:
         return self.sorted({*self.required_closure(names), *self.implied_closure(names)})
 
     def spatial_element_for(self, names: Iterable[str]) -> str | None:

@@ -29,7 +29,6 @@ import logging
 import os
 import shutil
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -53,8 +52,8 @@ _OLD_MARK = ".old-"
 
 def temporary_sibling(target: str | os.PathLike[str], mark: str = _TMP_MARK) -> Path:
     """A fresh hidden path in the target's directory: ``<dir>/.<name>.tmp-<random>``."""
-    target = Path(target)
-    return target.with_name(f".{target.name}{mark}{uuid.uuid4().hex[:12]}")
+    target = target if isinstance(target, Path) else Path(target)
+    return target.with_name(f".{target.name}{mark}{os.urandom(6).hex()}")
 
 
 def is_temporary_name(name: str) -> bool:
@@ -126,9 +125,13 @@ def _exists_error(target: Path) -> FormatError:
 
 
 def _check_target(target: Path, overwrite: bool) -> None:
-    if not overwrite and (target.exists() or target.is_symlink()):
+    # One lstat for "exists or is a (dangling) symlink", one stat for the parent: a put of a
+    # small file made seven such calls, ~10% of its time (measured).
+    if not overwrite and os.path.lexists(target):
         raise _exists_error(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    parent = target.parent
+    if not parent.is_dir():
+        parent.mkdir(parents=True, exist_ok=True)
 
 
 def _publish_file(tmp: Path, target: Path, overwrite: bool) -> None:
@@ -185,14 +188,19 @@ def atomic_file(
         yield tmp
         if not tmp.is_file():
             raise FormatError(f"writing {target}: the writer produced no file at {tmp}")
-        if fsync:
-            _fsync_file(os.fspath(tmp))
-        _publish_file(tmp, target, overwrite)
-        if fsync:
-            fsync_directory(target.parent)
+        _finish_file(tmp, target, overwrite, fsync)
     except BaseException:
         _remove(tmp)
         raise
+
+
+def _finish_file(tmp: Path, target: Path, overwrite: bool, fsync: bool) -> None:
+    """Steps 2-3 for a complete temporary file: sync it if asked, publish it, sync the directory."""
+    if fsync:
+        _fsync_file(os.fspath(tmp))
+    _publish_file(tmp, target, overwrite)
+    if fsync:
+        fsync_directory(target.parent)
     _log.debug("wrote %s atomically", target)
 
 
@@ -200,10 +208,16 @@ def atomic_write_bytes(
     target: str | os.PathLike[str], data: bytes, *, overwrite: bool = False, fsync: bool = True
 ) -> Path:
     """Write ``data`` to ``target`` atomically (see :func:`atomic_file`); returns the target path."""
-    target = Path(target)
-    with atomic_file(target, overwrite=overwrite, fsync=fsync) as tmp:
+    target = target if isinstance(target, Path) else Path(target)
+    _check_target(target, overwrite)
+    tmp = temporary_sibling(target)
+    try:
         with open(tmp, "xb") as stream:
             stream.write(data)
+        _finish_file(tmp, target, overwrite, fsync)
+    except BaseException:
+        _remove(tmp)
+        raise
     return target
 
 

@@ -154,7 +154,7 @@ def write_json(
     FormatError
         ``path`` exists and ``overwrite`` is false.
     """
-    path = Path(path)
+    path = path if isinstance(path, Path) else Path(path)
     data = _dumps(obj_dict, path.name, indent)
     return atomic_write_bytes(path, data, overwrite=overwrite, fsync=fsync)
 

@@ -9,6 +9,7 @@ transactions use ``BEGIN IMMEDIATE``: a plain deferred BEGIN that later writes c
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,9 +17,19 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-__all__ = ["make_engine", "write_transaction", "read_connection", "insert_or_ignore", "insert_many", "fetch_rows"]
+__all__ = [
+    "make_engine",
+    "write_transaction",
+    "read_connection",
+    "insert_or_ignore",
+    "insert_many",
+    "insert_committed",
+    "fetch_rows",
+    "select_rows",
+]
 
 _BUSY_TIMEOUT_MS = 30_000
+_WAL_CHECKPOINT_PAGES = 4000
 
 
 def make_engine(url_or_path: str | Path, *, synchronous: str = "NORMAL") -> Engine:
@@ -47,6 +58,10 @@ def make_engine(url_or_path: str | Path, *, synchronous: str = "NORMAL") -> Engi
         cursor.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
         cursor.execute("PRAGMA journal_mode = WAL")
         cursor.execute(f"PRAGMA synchronous = {synchronous}")
+        # Checkpoint (and sync) the WAL every ~16 MB rather than SQLite's ~4 MB: each checkpoint
+        # syncs whatever its size, and at the default they were ~40% of the registry's time over
+        # 4000 puts (measured).  Commits are exactly as durable either way.
+        cursor.execute(f"PRAGMA wal_autocheckpoint = {_WAL_CHECKPOINT_PAGES}")
         cursor.execute("PRAGMA foreign_keys = ON")
         cursor.close()
 
@@ -85,6 +100,36 @@ def insert_or_ignore(table: sa.Table) -> Any:
     return table.insert().prefix_with("OR IGNORE", dialect="sqlite").prefix_with("", dialect="postgresql")
 
 
+@functools.lru_cache(maxsize=256)
+def _positional_insert(
+    table: sa.Table, columns: tuple[str, ...], dialect: sa.engine.Dialect
+) -> tuple[str, tuple[int, ...] | None] | None:
+    """The INSERT of ``columns`` compiled for a positional-parameter dialect, or None (named ones).
+
+    Returns the SQL and, when its parameters come in another order than ``columns``, the
+    position in ``columns`` of each parameter.
+    """
+    statement = table.insert().values({c: sa.bindparam(c) for c in columns})
+    compiled = statement.compile(dialect=dialect, column_keys=list(columns))
+    if not compiled.positiontup or sorted(compiled.positiontup) != sorted(columns):
+        return None
+    order = tuple(columns.index(name) for name in compiled.positiontup)
+    return str(compiled), (None if order == tuple(range(len(columns))) else order)
+
+
+def _driver_insert(
+    engine: Engine, table: sa.Table, columns: Sequence[str], rows: Sequence[tuple]
+) -> tuple[str, Sequence[tuple]] | None:
+    """SQL and parameter tuples for the driver's ``executemany`` (SQLite), or None."""
+    if not is_sqlite(engine):
+        return None
+    found = _positional_insert(table, tuple(columns), engine.dialect)
+    if found is None:
+        return None
+    sql, order = found
+    return sql, rows if order is None else [tuple(row[i] for i in order) for row in rows]
+
+
 def insert_many(conn: Connection, table: sa.Table, columns: Sequence[str], rows: Sequence[tuple]) -> None:
     """Insert rows given as tuples of ``columns`` values, in the connection's transaction.
 
@@ -94,14 +139,49 @@ def insert_many(conn: Connection, table: sa.Table, columns: Sequence[str], rows:
     """
     if not rows:
         return
+    driver = _driver_insert(conn.engine, table, columns, rows)
+    if driver is not None:
+        conn.exec_driver_sql(*driver)
+        return
     statement = table.insert().values({c: sa.bindparam(c) for c in columns})
-    if is_sqlite(conn.engine):
-        compiled = statement.compile(dialect=conn.dialect, column_keys=list(columns))
-        order = [compiled.positiontup.index(c) for c in columns] if compiled.positiontup else []
-        if order == list(range(len(columns))):
-            conn.exec_driver_sql(str(compiled), list(rows))
-            return
     conn.execute(statement, [dict(zip(columns, row, strict=True)) for row in rows])
+
+
+def insert_committed(engine: Engine, table: sa.Table, columns: Sequence[str], rows: Sequence[tuple]) -> None:
+    """Insert rows in a write transaction of their own, committed when this returns.
+
+    On SQLite the transaction runs on a pooled driver connection: ``BEGIN IMMEDIATE``, the
+    compiled INSERT (bound parameters), ``COMMIT`` -- the same statements, pragmas and durability
+    as :func:`write_transaction`.  Around a one-row insert, SQLAlchemy's Connection, events and
+    result handling cost ~260 us of ~380 us (measured on puts: twice SQLite's own work).  Driver
+    errors are raised as SQLAlchemy's (:class:`sqlalchemy.exc.IntegrityError` for a conflict),
+    after a rollback.
+    """
+    if not rows:
+        return
+    driver = _driver_insert(engine, table, columns, rows)
+    if driver is None:
+        with write_transaction(engine) as conn:
+            insert_many(conn, table, columns, rows)
+        return
+    sql, parameters = driver
+    dbapi = engine.dialect.loaded_dbapi
+    connection = engine.raw_connection()
+    try:
+        cursor = connection.cursor()
+        cursor.execute("BEGIN IMMEDIATE")
+        try:
+            cursor.executemany(sql, parameters)
+            cursor.execute("COMMIT")
+        except BaseException:
+            connection.rollback()  # the driver's: a no-op when SQLite already rolled back
+            raise
+        finally:
+            cursor.close()
+    except dbapi.Error as exc:
+        raise sa.exc.DBAPIError.instance(sql, None, exc, dbapi.Error) from exc
+    finally:
+        connection.close()
 
 
 def fetch_rows(conn: Connection, statement: Any) -> list[tuple]:
@@ -119,3 +199,48 @@ def fetch_rows(conn: Connection, statement: Any) -> list[tuple]:
         return result.cursor.fetchall()
     finally:
         result.close()
+
+
+@functools.lru_cache(maxsize=256)
+def _positional_select(
+    statement: Any, dialect: sa.engine.Dialect
+) -> tuple[str, tuple[str, ...], dict[str, Any]] | None:
+    """A SELECT compiled for a positional-parameter dialect, its parameter names and their
+    compiled-in values (literals), or None.
+
+    None when the parameters are named, or when the SQL is only complete at execution time
+    (expanding ``IN`` lists).
+    """
+    compiled = statement.compile(dialect=dialect)
+    if compiled.positiontup is None or compiled.post_compile_params or compiled.literal_execute_params:
+        return None
+    return str(compiled), tuple(compiled.positiontup), dict(compiled.params)
+
+
+def select_rows(engine: Engine, statement: Any, parameters: dict[str, Any]) -> list[tuple]:
+    """All rows of a SELECT built once with named :func:`sqlalchemy.bindparam` values, as tuples.
+
+    For a statement that is run many times with new values (a get's dataset lookup): on SQLite
+    it is compiled once and then executed on a pooled driver connection, one statement in
+    autocommit (a consistent snapshot by itself).  Building and executing it through SQLAlchemy
+    for each call cost ~300 us of a ~550 us get, of which SQLite's work is ~15 us (measured).
+    Elsewhere it runs through a SQLAlchemy connection.
+    """
+    compiled = _positional_select(statement, engine.dialect) if is_sqlite(engine) else None
+    if compiled is None:
+        with read_connection(engine) as conn:
+            return [tuple(row) for row in conn.execute(statement, parameters)]
+    sql, names, values = compiled
+    values = {**values, **parameters}
+    dbapi = engine.dialect.loaded_dbapi
+    connection = engine.raw_connection()
+    try:
+        cursor = connection.cursor()
+        try:
+            return cursor.execute(sql, [values[name] for name in names]).fetchall()
+        finally:
+            cursor.close()
+    except dbapi.Error as exc:
+        raise sa.exc.DBAPIError.instance(sql, parameters, exc, dbapi.Error) from exc
+    finally:
+        connection.close()

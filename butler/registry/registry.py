@@ -32,7 +32,16 @@ from ..errors import (
     MissingDatasetTypeError,
 )
 from ..refs import DatasetRef, DatasetType, data_id_key
-from .database import fetch_rows, insert_many, insert_or_ignore, make_engine, read_connection, write_transaction
+from .database import (
+    fetch_rows,
+    insert_committed,
+    insert_many,
+    insert_or_ignore,
+    make_engine,
+    read_connection,
+    select_rows,
+    write_transaction,
+)
 from .schema import COLLECTION_TYPES, SCHEMA_VERSION, RegistryTables, tables_for
 from .where import WhereCompiler
 
@@ -84,7 +93,9 @@ class Registry:
         self._region_batches: dict[str, tuple[dict[tuple, int], RegionBatch]] = {}
         self._records: dict[str, dict[tuple, dict[str, Any]]] = {}
         self._record_statements: dict[str, Any] = {}
+        self._find_statements: dict[int, Any] = {}
         self._where = WhereCompiler(self)
+        self._dataset_dimensions = universe.sorted(universe.dimensions)
 
     # ------------------------------------------------------------------ lifecycle
     @classmethod
@@ -679,6 +690,8 @@ class Registry:
         """
         if not refs:
             return
+        dims = self._dataset_dimensions
+        columns = ["id", "dataset_type_id", "run_id", "data_id_key", *dims, "path", "created"]
         rows = []
         now = time.time()
         for ref in refs:
@@ -686,23 +699,14 @@ class Registry:
             run = self.get_collection(ref.run)
             if run.type != "RUN":
                 raise CollectionTypeError(f"datasets go into RUN collections; {ref.run!r} is {run.type}")
-            row = {name: None for name in self.universe.dimensions}
-            row.update(ref.data_id)
-            row.update(
-                id=ref.id,
-                dataset_type_id=type_id,
-                run_id=run.id,
-                data_id_key=data_id_key(ref.data_id, dt.dimensions),
-                path=ref.path,
-                created=now,
-            )
-            rows.append(row)
+            data_id = ref.data_id
+            key = data_id_key(data_id, dt.dimensions)
+            rows.append((ref.id, type_id, run.id, key, *[data_id.get(k) for k in dims], ref.path, now))
         try:
             if conn is not None:
-                conn.execute(self.tables.dataset.insert(), rows)
+                insert_many(conn, self.tables.dataset, columns, rows)
             else:
-                with write_transaction(self.engine) as c:
-                    c.execute(self.tables.dataset.insert(), rows)
+                insert_committed(self.engine, self.tables.dataset, columns, rows)
         except sa.exc.IntegrityError as exc:
             raise self._explain_conflict(refs) from exc
 
@@ -882,23 +886,21 @@ class Registry:
         run_ids = [c.id for c in colls if c.type == "RUN"]
         tag_ids = [c.id for c in colls if c.type == "TAGGED"]
         candidates: list[tuple[int, Any]] = []
-        with read_connection(self.engine) as conn:
-            if run_ids:
-                # One indexed lookup (the dataset_unique_in_run constraint); the search order is
-                # applied in Python, which keeps the statement's shape constant and cached.
-                rows = conn.execute(
-                    sa.select(d).where(
-                        d.c.dataset_type_id == type_id, d.c.data_id_key == key, d.c.run_id.in_(run_ids)
-                    )
-                ).all()
-                candidates += [(rank[r.run_id], r) for r in rows]
-            if tag_ids:
+        if run_ids:
+            # One indexed lookup (the dataset_unique_in_run constraint); the search order is
+            # applied in Python.
+            params = {"type_id": type_id, "key": key, **{f"run_{i}": r for i, r in enumerate(run_ids)}}
+            rows = select_rows(self.engine, self._find_statement(len(run_ids)), params)
+            run_id = d.c.keys().index("run_id")
+            candidates += [(rank[r[run_id]], r) for r in rows]
+        if tag_ids:
+            with read_connection(self.engine) as conn:
                 rows = conn.execute(
                     sa.select(d, tag.c.collection_id)
                     .select_from(d.join(tag, tag.c.dataset_id == d.c.id))
                     .where(tag.c.dataset_type_id == type_id, tag.c.data_id_key == key, tag.c.collection_id.in_(tag_ids))
                 ).all()
-                candidates += [(rank[r.collection_id], r) for r in rows]
+            candidates += [(rank[r.collection_id], tuple(r)) for r in rows]
         if not candidates:
             return None
         _, row = min(candidates, key=lambda item: item[0])
@@ -921,8 +923,22 @@ class Registry:
         self.get_collection(name)
         return name
 
-    def _row_to_ref(self, row: Any, dt: DatasetType) -> DatasetRef:
-        mapping = row._mapping
+    def _find_statement(self, n_runs: int) -> Any:
+        """The dataset lookup of :meth:`find_dataset` in ``n_runs`` RUN collections, built once."""
+        statement = self._find_statements.get(n_runs)
+        if statement is None:
+            d = self.tables.dataset
+            statement = sa.select(d).where(
+                d.c.dataset_type_id == sa.bindparam("type_id"),
+                d.c.data_id_key == sa.bindparam("key"),
+                d.c.run_id.in_([sa.bindparam(f"run_{i}") for i in range(n_runs)]),
+            )
+            self._find_statements[n_runs] = statement
+        return statement
+
+    def _row_to_ref(self, row: tuple, dt: DatasetType) -> DatasetRef:
+        """A ref from a row of the dataset table's columns (in table order; more may follow)."""
+        mapping = dict(zip(self.tables.dataset.c.keys(), row))
         did = {k: mapping[k] for k in self.universe.full_closure(dt.dimensions) if mapping[k] is not None}
         return DatasetRef(dt, did, self._run_name(mapping["run_id"]), mapping["id"], mapping["path"])
 
