@@ -56,7 +56,9 @@ from tasks.psfmatch.chebyshev import ChebyshevBasis2D, chebyshev_1d
 from tasks.psfmatch.errors import PsfMatchConfigError, format_rejections
 from tasks.psfmatch.solve import GOOD, solve_candidates
 from tasks.psfmatch.fit import fit_diagnostics
-from tasks.psfmatch.spatial import fit_spatial_kernel, local_parameters
+from tasks.psfmatch.spatial import fit_spatial_kernel, local_parameters, remove_noise
+
+from tasks.measure.noise import noise_cross_correlation, noise_scale
 
 from .errors import InsufficientKernelSourcesError, KernelSolutionError, MissingPsfError
 
@@ -194,6 +196,24 @@ class MakeKernelConfig(Config):
     fitForBackground: bool = Field(True, description="Fit the differential background with the kernel")
     constantVarianceWeighting: bool = Field(
         True, description="Weight stamp pixels by 1/median(variance) (LSST default) rather than 1/variance"
+    )
+    noiseBiasCorrection: bool = Field(
+        True,
+        description="Remove the expected noise power of the convolved image from the spatial fit's normal "
+        "equations (errors in the variables: uncorrected, faint candidates shrink and smooth the kernel); "
+        "applied only when that image's noise is measured to be uncorrelated between pixels",
+    )
+    sharedNoiseThreshold: float = Field(
+        0.05,
+        description="Refit with the errors-in-variables correction scaled by 1 - w when more than this fraction "
+        "w of the convolved image's noise is measured in the image it is matched to (a science visit that "
+        "went into its own template)",
+    )
+    noiseCorrelationTolerance: float = Field(
+        0.15,
+        description="The convolved image's noise counts as uncorrelated when the scatter of its sums weighted "
+        "by the narrowest basis Gaussian is within this fraction of the scatter of single pixels "
+        "(relative to their variance-plane predictions)",
     )
     maxConditionNumber: float = Field(1.0e10, description="Largest scaled condition number of a candidate's system")
     maxSpatialConditionNumber: float = Field(1.0e10, description="Largest scaled condition number of the spatial system")
@@ -340,6 +360,72 @@ class MakeKernelTask(Task):
     _DefaultName = "makeKernel"
 
     # ------------------------------------------------------------------ pieces
+    def measureNoiseBiasScale(self, exposure: Exposure, sigma: float) -> float:  # noqa: N802
+        """Multiple of the variance plane's white-noise power to remove from the spatial fit (see ``noise_bias_scale``).
+
+        The errors-in-the-variables correction models the convolved image's noise as independent
+        pixels.  That holds when sums weighted by a Gaussian of the narrowest basis width scatter
+        as the variance plane predicts, relative to single pixels: calexps (measured 1.01-1.02
+        on the demo survey) but not coadds of PSF-matched warps (2.3-3.2), whose noise the
+        correction would over-subtract at high spatial frequencies until the system is singular.
+
+        Parameters
+        ----------
+        exposure : Exposure
+            The image that will be convolved.
+        sigma : float
+            Width of the narrowest basis Gaussian, pixels.
+
+        Returns
+        -------
+        float
+            ``s**2`` where ``s`` is the single-pixel noise scale (the variance plane's calibration),
+            or 0 when the noise is correlated or cannot be measured.
+        """
+        half = max(1, int(math.ceil(3.0 * sigma)))
+        offsets = np.arange(-half, half + 1, dtype=np.float64)
+        gauss = np.exp(-0.5 * (offsets[:, None] ** 2 + offsets[None, :] ** 2) / sigma**2)
+        pixel = noise_scale(exposure, np.ones((1, 1)))
+        smoothed = noise_scale(exposure, gauss)
+        if not (math.isfinite(pixel) and math.isfinite(smoothed)):
+            self.log.info("noise of the convolved image not measurable: no errors-in-variables correction")
+            return 0.0
+        ratio = smoothed / pixel
+        self.metadata["convolvedNoiseCorrelation"] = ratio
+        if abs(ratio - 1.0) > self.config.noiseCorrelationTolerance:
+            self.log.info(
+                "convolved image's noise is correlated (Gaussian-weighted / single-pixel noise scale %.2f): "
+                "no errors-in-variables correction", ratio,
+            )
+            return 0.0
+        return pixel**2
+
+    def measureSharedNoiseFraction(self, template: Exposure, science: Exposure, kernel: SpatialKernel) -> float:  # noqa: N802
+        """Fraction ``w`` of the convolved image's noise that reappears, PSF-matched, in the other image.
+
+        When the science visit went into the coadd template, the template holds ``w`` times the
+        science noise matched by nearly the true kernel ``K``; the cross-correlation of the two
+        images' noise is then ``w K`` (:func:`tasks.measure.noise.noise_cross_correlation`).  ``w``
+        is its sum over the central 5 x 5 lags over the same sum of the fitted kernel (the
+        noise-dominated wider lags would add scatter).  That shared noise biases the fit the other
+        way, so the errors-in-variables correction is scaled by ``1 - w``, which leaves the fit
+        unbiased when the shared part is matched by ``K``.
+
+        Returns
+        -------
+        float
+            ``w`` (near 0 for independent images).
+        """
+        half = 2
+        rho = noise_cross_correlation(template, science, half)
+        cx, cy = science.bbox.center
+        image = kernel.kernel_image(cx, cy)
+        c = image.shape[0] // 2
+        core = float(image[c - half : c + half + 1, c - half : c + half + 1].sum())
+        shared = float(rho.sum()) / core if core > 0 else 0.0
+        self.metadata["sharedNoiseFraction"] = shared
+        return shared
+
     def getFwhms(self, template: Exposure, science: Exposure, preconvolved: bool = False) -> tuple[float, float]:  # noqa: N802
         """Mean PSF FWHMs (pixels) of the two images over the science box.
 
@@ -445,7 +531,41 @@ class MakeKernelTask(Task):
         cfg = self.config.psfMatchConfig()
         fwhm_t, fwhm_s = self.getFwhms(template, science, preconvolved)
         basis = self.makeKernelBasis(fwhm_t, fwhm_s)
+        if self.config.noiseBiasCorrection:
+            cfg = cfg.replace(noise_bias_scale=self.measureNoiseBiasScale(template, min(basis.sigmas)))
         candidates = self.makeCandidateList(template, science, kernelSources, basis.kernel_size)
+        kernel, diag = self._fit(template, science, candidates, cfg, basis, fwhm_t, fwhm_s)
+        if cfg.noise_bias_scale > 0:
+            shared = self.measureSharedNoiseFraction(template, science, kernel)
+            if shared > self.config.sharedNoiseThreshold:
+                self.log.info(
+                    "%.0f%% of the convolved image's noise is also in the image it is matched to (the science "
+                    "visit is in the template?): refitting with the noise correction scaled by %.2f",
+                    100.0 * shared, 1.0 - shared,
+                )
+                cfg = cfg.replace(noise_bias_scale=cfg.noise_bias_scale * max(0.0, 1.0 - shared))
+                kernel, diag = self._fit(template, science, candidates, cfg, basis, fwhm_t, fwhm_s)
+        diag.fwhm_template, diag.fwhm_science = fwhm_t, fwhm_s
+        self._record(kernel, diag, science.bbox)
+        return Struct(
+            psfMatchingKernel=kernel,
+            backgroundModel=BackgroundModel(kernel),
+            diagnostics=diag,
+            basis=basis,
+            candidates=diag.candidates,
+        )
+
+    def _fit(
+        self,
+        template: Exposure,
+        science: Exposure,
+        candidates: list[KernelCandidate],
+        cfg: PsfMatchConfig,
+        basis: AlardLuptonBasis,
+        fwhm_t: float,
+        fwhm_s: float,
+    ) -> tuple[SpatialKernel, KernelFitDiagnostics]:
+        """The kernel fit of :meth:`run` for one configuration (errors mapped to the task's)."""
         try:
             fallback = list(range(cfg.spatial_kernel_order - 1, -1, -1)) if self.config.allowSpatialOrderFallback else []
             if self.config.kernelSumReference == "weighted" and cfg.use_sigma_clipping:
@@ -466,15 +586,7 @@ class MakeKernelTask(Task):
             raise KernelSolutionError(
                 f"cannot PSF-match: {exc}", condition_number=exc.condition_number
             ) from exc
-        diag.fwhm_template, diag.fwhm_science = fwhm_t, fwhm_s
-        self._record(kernel, diag, science.bbox)
-        return Struct(
-            psfMatchingKernel=kernel,
-            backgroundModel=BackgroundModel(kernel),
-            diagnostics=diag,
-            basis=basis,
-            candidates=diag.candidates,
-        )
+        return kernel, diag
 
     def _fitWithFallback(  # noqa: N802
         self,
@@ -510,7 +622,9 @@ class MakeKernelTask(Task):
         md["kernelSize"] = kernel.kernel_size
         md["spatialKernelOrder"] = kernel.kernel_order
         scores = getattr(diag, "spatial_order_scores", None) or {}
-        md["spatialOrderScores"] = {str(order): float(value) for order, value in sorted(scores.items())}
+        md["spatialOrderScores"] = {
+            str(order): (float(value) if math.isfinite(value) else None) for order, value in sorted(scores.items())
+        }
         md["nBasis"] = kernel.n_basis
         md["basis"] = diag.basis.to_dict()
         cx, cy = bbox.center
@@ -660,6 +774,8 @@ def select_spatial_order(
     f = funcs.evaluate(np.array([c.x for c in candidates]), np.array([c.y for c in candidates]))  # (K, T)
     mats = np.stack([c.solution.normal_matrix for c in candidates])  # type: ignore[union-attr]
     vecs = np.stack([c.solution.normal_vector for c in candidates])  # type: ignore[union-attr]
+    noise_list = [c.solution.noise_matrix for c in candidates]  # type: ignore[union-attr]
+    noise = np.stack(noise_list) if all(nm is not None for nm in noise_list) else None
     n_loc = mats.shape[1]
     n_bg = n_loc - n_basis
     k = len(candidates)
@@ -673,6 +789,9 @@ def select_spatial_order(
         # kernel-kernel block G[i, s, j, t] = sum_k M_k[i, j] f_k[s] f_k[t]
         kk = (mats[train, :n_basis, :n_basis].reshape(-1, n_basis * n_basis).T @ ff[train])
         kk = kk.reshape(n_basis, n_basis, n_t, n_t).transpose(0, 2, 1, 3)
+        if noise is not None:
+            nkk = (noise[train, :n_basis, :n_basis].reshape(-1, n_basis * n_basis).T @ ff[train])
+            nkk = nkk.reshape(n_basis, n_basis, n_t, n_t).transpose(0, 2, 1, 3)
         kb = np.einsum("kiu,ks->isu", mats[train, :n_basis, n_basis:], f[train])  # (n_basis, T, n_bg)
         bb = mats[train, n_basis:, n_basis:].sum(axis=0)
         vk = np.einsum("ki,ks->is", vecs[train, :n_basis], f[train])
@@ -694,8 +813,13 @@ def select_spatial_order(
                 totals[order] = float("inf")
                 continue
             d = np.sqrt(diag)
+            scaled = big / d[:, None] / d[None, :]
             try:
-                params = scipy.linalg.solve(big / d[:, None] / d[None, :], rhs / d, assume_a="pos") / d
+                if noise is not None:
+                    big_noise = np.zeros_like(big)
+                    big_noise[:n_k, :n_k] = nkk[rows_i[:, None], rows_t[:, None], rows_i[None, :], rows_t[None, :]]
+                    scaled = remove_noise(scaled, big_noise / d[:, None] / d[None, :])
+                params = scipy.linalg.solve(scaled, rhs / d, assume_a="pos") / d
             except (np.linalg.LinAlgError, scipy.linalg.LinAlgError):
                 totals[order] = float("inf")
                 continue
@@ -805,6 +929,7 @@ def fit_kernel_weighted_clipping(
             background=bg_model,
             fit_background=cfg.fit_background,
             constant_variance_weighting=cfg.constant_variance_weighting,
+            noise_bias_scale=cfg.noise_bias_scale,
             max_condition_number=cfg.max_condition_number,
             workers=cfg.workers,
         )

@@ -22,13 +22,14 @@ from collections.abc import Iterable
 
 import numpy as np
 from numpy.typing import NDArray
-from scipy import signal
+import scipy.fft
+from scipy import ndimage, signal
 
 from butler.exposure import Exposure
 
 from .photometry import DEFAULT_BAD_PLANES, aperture_weights, plane_bits
 
-__all__ = ["noise_scale", "psf_weights", "aperture_kernel"]
+__all__ = ["noise_scale", "noise_cross_correlation", "psf_weights", "aperture_kernel"]
 
 _log = logging.getLogger(__name__)
 
@@ -111,3 +112,83 @@ def noise_scale(
         return float("nan")
     spread = float(np.median(snr) - np.percentile(snr, 15.865))
     return spread if spread > 0 else float("nan")
+
+
+def noise_cross_correlation(
+    first: Exposure,
+    second: Exposure,
+    half: int,
+    *,
+    bad_planes: Iterable[str] = DEFAULT_BAD_PLANES,
+    max_size: int = 1024,
+    source_threshold: float = 5.0,
+    source_grow: int = 4,
+) -> NDArray[np.float64]:
+    """How much of ``first``'s pixel noise reappears in ``second``, at lags up to ``half`` pixels.
+
+    Two images of the same pixel grid share noise when one went into the other (a science visit
+    inside its own coadd template).  Returns ``rho`` with ``rho[half + dy, half + dx] =
+    E[n1(p) n2(p + (dy, dx))] / V1(p)``: for ``second = w (k (x) first) + independent noise``,
+    ``rho = w k``.  Independent images give zero within the estimate's noise.
+
+    Sources would correlate the images by their signal, so pixels above ``source_threshold``
+    sigma in either image, grown by ``source_grow`` pixels, are left out (a threshold low enough
+    to catch noise peaks would bias ``rho`` low: at 3 sigma by 6% on pure noise), with non-finite pixels
+    and those of ``bad_planes``; each image's median is subtracted.  Larger images are measured on
+    their central ``max_size`` x ``max_size`` pixels.
+
+    Parameters
+    ----------
+    first, second : Exposure
+        Same shape and pixel frame; image and variance planes.
+    half : int
+        Largest lag, pixels.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(2 half + 1, 2 half + 1)`` (zeros when no pixel is usable).
+    """
+    if first.shape != second.shape:
+        raise ValueError(f"noise cross-correlation needs images of one shape, got {first.shape} and {second.shape}")
+    height, width = first.shape
+    ya = max(0, (height - max_size) // 2)
+    xa = max(0, (width - max_size) // 2)
+    sl = (slice(ya, ya + min(height, max_size)), slice(xa, xa + min(width, max_size)))
+    planes = []
+    usable = np.ones(first.image[sl].shape, dtype=bool)
+    for exp in (first, second):
+        image = exp.image[sl].astype(np.float64)
+        variance = exp.variance[sl].astype(np.float64)
+        ok = np.isfinite(image) & np.isfinite(variance) & (variance > 0)
+        bits = plane_bits(exp.mask_planes, bad_planes)
+        if bits:
+            ok &= (exp.mask[sl] & bits) == 0
+        usable &= ok
+        planes.append((image, variance))
+    if not usable.any():
+        return np.zeros((2 * half + 1, 2 * half + 1))
+    sources = np.zeros_like(usable)
+    centred = []
+    for image, variance in planes:
+        level = np.median(image[usable])
+        residual = np.where(usable, image - level, 0.0)
+        sources |= np.abs(residual) > source_threshold * np.sqrt(np.where(usable, variance, 1.0))
+        centred.append(residual)
+    if source_grow > 0:
+        sources = ndimage.binary_dilation(sources, iterations=source_grow)
+    usable &= ~sources
+    a = np.where(usable, centred[0], 0.0)
+    b = np.where(usable, centred[1], 0.0)
+    v = np.where(usable, planes[0][1], 0.0)
+    shape = [scipy.fft.next_fast_len(d + 2 * half + 1, real=True) for d in a.shape]
+
+    def lagged(x: NDArray[np.float64], y: NDArray[np.float64]) -> NDArray[np.float64]:
+        # sum_p x(p) y(p + q) for |q| <= half
+        full = scipy.fft.irfft2(np.conj(scipy.fft.rfft2(x, s=shape)) * scipy.fft.rfft2(y, s=shape), s=shape)
+        lags = np.arange(-half, half + 1)
+        return full[np.ix_(lags % shape[0], lags % shape[1])]
+
+    numerator = lagged(a, b)
+    denominator = lagged(v, usable.astype(np.float64))
+    return np.where(denominator > 0, numerator / np.where(denominator > 0, denominator, 1.0), 0.0)

@@ -54,6 +54,11 @@ class PsfMatchConfig:
     --------
     constant_variance_weighting : bool
         Weight stamp pixels by ``1 / median(variance)`` (LSST default) rather than ``1 / variance``.
+    noise_bias_scale : float
+        Remove this multiple of the expected contribution of the convolved image's noise (white
+        noise of the variance plane) from the normal equations of the spatial fit (errors in the
+        variables; see :mod:`.solve`).  0 (the default, and for noise-free model PSFs) turns the
+        correction off; MakeKernelTask measures the value on the image it convolves.
     max_condition_number, max_spatial_condition_number : float
         Limits on the condition numbers of the diagonally scaled per-candidate and global normal
         matrices (a candidate over the limit is rejected; the global system raises).  Scaling
@@ -119,6 +124,7 @@ class PsfMatchConfig:
     constant_first_term: bool = True
 
     constant_variance_weighting: bool = True
+    noise_bias_scale: float = 0.0
     max_condition_number: float = 1.0e10
     max_spatial_condition_number: float = 1.0e10
 

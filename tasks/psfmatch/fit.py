@@ -304,6 +304,7 @@ def fit_kernel_to_candidates(
         background=bg_model,
         fit_background=cfg.fit_background,
         constant_variance_weighting=cfg.constant_variance_weighting,
+        noise_bias_scale=cfg.noise_bias_scale,
         max_condition_number=cfg.max_condition_number,
         workers=cfg.workers,
     )

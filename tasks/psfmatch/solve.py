@@ -22,6 +22,16 @@ Weights are ``1 / V`` per pixel, or ``1 / median(V)`` per candidate with
 ``constant_variance_weighting`` (LSST's default, which lets bright-star cores drive the fit).
 ``V`` is the sum of the science and template variances.  Residual statistics are always computed
 with the variance of the *difference*, ``V_sci + (V_tmpl (x) K**2)``.
+
+Noise in the convolved image is an error in the *variables* of the regression: its power adds
+``sum_p w_p sum_q B_i(q) B_j(q) V_T(p - q)`` to the expected normal matrix, which shrinks the
+kernel (a smaller sum, a smoother shape) by roughly the ratio of the candidates' summed noise to
+their summed signal.  Every stamp adds the same noise term however faint its star, so the
+faint candidates bias the kernel.  With ``noise_bias_scale`` > 0 each solution carries that
+expected term (``noise_matrix``) and the spatial fit removes it (:mod:`.spatial`), not a
+candidate's own solution, where a faint star's corrected system would lose positive
+definiteness.  The model is independent pixel noise in the convolved image, uncorrelated with
+the noise of the image it is matched to.
 """
 
 from __future__ import annotations
@@ -109,6 +119,9 @@ class CandidateSolution:
         by the ``n_background_terms`` Chebyshev background terms (weights as configured).
     n_background_terms : int
         Number of background columns (0 when no background is fitted).
+    noise_matrix : numpy.ndarray or None
+        Expected contribution of the convolved image's noise to ``normal_matrix`` (same shape;
+        zero in the background rows and columns), or None when not computed.
     """
 
     kernel_coefficients: np.ndarray
@@ -130,6 +143,7 @@ class CandidateSolution:
     _l_vector: np.ndarray = field(repr=False)
     _l_scalar: float = field(repr=False)
     n_pixels: int = 0
+    noise_matrix: np.ndarray | None = field(default=None, repr=False)
 
     def residual_stats(self, parameters: np.ndarray) -> tuple[float, float, float]:
         """Normalized-residual ``(mean, std, chi2)`` of this stamp for a full parameter vector.
@@ -359,6 +373,7 @@ def solve_candidates(
     fit_background: bool = True,
     constant_variance_weighting: bool = True,
     max_condition_number: float = 1.0e10,
+    noise_bias_scale: float = 0.0,
     workers: int | None = None,
 ) -> list[KernelCandidate]:
     """Solve every candidate for its kernel coefficients and background.
@@ -382,6 +397,10 @@ def solve_candidates(
         Weight every pixel of a stamp by ``1 / median(V)`` instead of ``1 / V``.
     max_condition_number : float
         Candidates whose scaled normal matrix is worse conditioned are rejected.
+    noise_bias_scale : float
+        Subtract this multiple of the expected contribution of the convolved image's noise
+        (independent pixels with the variances of ``template_variance``) from the normal matrices
+        handed to the spatial fit (see the module docstring); 0 leaves them alone.
     workers : int, optional
         Threads for ``scipy.fft`` (default: scipy's, i.e. the caller's ``scipy.fft.set_workers``).
 
@@ -419,6 +438,7 @@ def solve_candidates(
                 fit_background=fit_background,
                 constant_variance_weighting=constant_variance_weighting,
                 max_condition_number=max_condition_number,
+                noise_bias_scale=noise_bias_scale,
                 workers=workers,
             )
             for i, cand in zip(chunk, solved, strict=True):
@@ -447,6 +467,28 @@ def _background_columns(
     return cols
 
 
+def _convolved_noise_gram(
+    variance: np.ndarray, weights: np.ndarray, basis: np.ndarray, workers: int | None
+) -> np.ndarray:
+    """Expected noise part of ``sum_p w_p (B_i (x) T)(p) (B_j (x) T)(p)`` for independent pixel noise.
+
+    ``E = sum_q B_i(q) B_j(q) R(q)`` with ``R(q) = sum_p w_p V(p - q)`` over the fitted pixels ``p``;
+    ``R`` is the valid cross-correlation of each ``(N, N)`` variance stamp with its ``(n, n)``
+    weight map, one FFT per stamp.  Returns ``(m, n_basis, n_basis)``.
+    """
+    size = variance.shape[-1]
+    n = weights.shape[-1]
+    fft = _fft_size(size)
+    prod = scipy.fft.rfft2(variance, s=(fft, fft), workers=workers)
+    prod *= scipy.fft.rfft2(weights[:, ::-1, ::-1], s=(fft, fft), workers=workers)
+    full = scipy.fft.irfft2(prod, s=(fft, fft), workers=workers)
+    # full[a + n - 1] = sum_u V[a + u] w[u]; the basis pixel (y, x) sees the window starting at
+    # (2h - y, 2h - x) = (k - 1 - y, k - 1 - x): R in basis-image order is the window sums reversed.
+    windows = full[:, n - 1 : size, n - 1 : size][:, ::-1, ::-1]
+    flat = basis.reshape(basis.shape[0], -1)
+    return np.einsum("ik,mk,jk->mij", flat, windows.reshape(len(variance), -1), flat, optimize=True)
+
+
 def _local_plane(n: int) -> np.ndarray:
     """``1, dx, dy`` over the fitted region (offsets from its centre scaled to [-1, 1]): ``(3, n * n)``."""
     t = np.linspace(-1.0, 1.0, n) if n > 1 else np.zeros(1)
@@ -462,6 +504,7 @@ def _solve_batch(
     fit_background: bool,
     constant_variance_weighting: bool,
     max_condition_number: float,
+    noise_bias_scale: float,
     workers: int | None,
 ) -> list[KernelCandidate]:
     m = len(cands)
@@ -498,6 +541,12 @@ def _solve_batch(
     gram = _matmul(weighted, design.transpose(0, 2, 1))
     rhs_all = np.einsum("mpk,mk->mp", weighted, sci)
     normal, vector = gram[:, glob][:, :, glob], rhs_all[:, glob]
+    noise_matrices = None
+    if noise_bias_scale > 0:
+        noise_matrices = np.zeros_like(normal)
+        noise_matrices[:, :nb, :nb] = noise_bias_scale * _convolved_noise_gram(
+            var_tmpl_full, np.ascontiguousarray(weights).reshape(m, n, n), basis, workers
+        )
     local_normal, local_vector = gram[:, loc][:, :, loc], rhs_all[:, loc]
 
     cond = np.atleast_1d(scaled_condition_number(local_normal))
@@ -563,6 +612,7 @@ def _solve_batch(
             _l_vector=l_vector[c],
             _l_scalar=float(l_scalar[c]),
             n_pixels=npix,
+            noise_matrix=None if noise_matrices is None else noise_matrices[c],
         )
         if not all(math.isfinite(v) for v in (solution.kernel_sum, mean, std)):
             results.append(cand.rejected("non-finite kernel solution"))

@@ -12,6 +12,15 @@ The global least-squares system is assembled from the per-candidate normal equat
 ``x_k``; the background columns already hold the global Chebyshev terms at each pixel), so
 ``sum_k E_k^T M_k E_k p = sum_k E_k^T b_k``.  The kernel block of ``E_k^T M_k E_k`` is
 ``M_k (x) f(x_k) f(x_k)^T``; the whole sum is one matrix product over a stacked ``E``.
+
+Errors in the variables: when the candidates carry the expected noise part ``N_k`` of their
+normal matrices (:mod:`.solve`), the summed ``N = sum_k E_k^T N_k E_k`` is removed from the
+global matrix ``M``.  In the basis where ``M`` is the identity, ``N`` is diagonal with entries
+``mu`` = the fraction of each direction's power that is noise.  Removing all of it divides a
+direction's solution by ``1 - mu``: harmless where the candidates measure the kernel (the kernel
+sum, the core: ``mu`` of a few percent) but an unbounded amplification of noise where they do not
+(fine structure of narrow, high-order basis images, ``mu`` near 1, where the uncorrected
+solution stays near zero).  So ``mu`` is capped at ``MAX_NOISE_FRACTION``.
 """
 
 from __future__ import annotations
@@ -34,9 +43,13 @@ from .chebyshev import ChebyshevBasis2D
 from .errors import PsfMatchConfigError, SingularKernelSolutionError
 from .solve import KernelCandidate, scaled_condition_number
 
-__all__ = ["SpatialKernel", "SpatialFitInfo", "fit_spatial_kernel", "spatial_parameter_layout"]
+__all__ = ["SpatialKernel", "SpatialFitInfo", "fit_spatial_kernel", "spatial_parameter_layout", "remove_noise", "MAX_NOISE_FRACTION"]
 
 _log = logging.getLogger(__name__)
+
+#: Largest fraction of a direction's power removed as noise: a direction is amplified at most
+#: ``1 / (1 - MAX_NOISE_FRACTION)`` times by the errors-in-variables correction.
+MAX_NOISE_FRACTION = 0.5
 
 
 class SpatialKernel:
@@ -364,6 +377,11 @@ def fit_spatial_kernel(
     big_matrix = expand.reshape(m * local, n_par).T @ projected.reshape(m * local, n_par)
     big_matrix = 0.5 * (big_matrix + big_matrix.T)
     big_vector = np.einsum("mlp,ml->p", expand, vectors)
+    noise_list = [c.solution.noise_matrix for c in solved]  # type: ignore[union-attr]
+    big_noise = None
+    if all(nm is not None for nm in noise_list):
+        projected_noise = np.stack(noise_list) @ expand
+        big_noise = expand.reshape(m * local, n_par).T @ projected_noise.reshape(m * local, n_par)
 
     diag = np.diag(big_matrix)
     if not np.all(diag > 0):
@@ -382,8 +400,11 @@ def fit_spatial_kernel(
             condition_number=cond,
         )
     d = np.sqrt(diag)
+    scaled = big_matrix / d[:, None] / d[None, :]
     try:
-        params = scipy.linalg.solve(big_matrix / d[:, None] / d[None, :], big_vector / d, assume_a="pos") / d
+        if big_noise is not None:
+            scaled = remove_noise(scaled, big_noise / d[:, None] / d[None, :])
+        params = scipy.linalg.solve(scaled, big_vector / d, assume_a="pos") / d
     except (np.linalg.LinAlgError, scipy.linalg.LinAlgError) as exc:
         raise SingularKernelSolutionError(
             f"spatial kernel system could not be solved ({exc}); condition number {cond:.3g}", condition_number=cond
@@ -395,6 +416,34 @@ def fit_spatial_kernel(
     kernel = SpatialKernel(basis, coeffs, bg, bbox, kernel_order, background_order)
     _log.debug("spatial kernel from %d candidates, %d parameters, condition number %.3g", m, n_par, cond)
     return kernel, SpatialFitInfo(n_candidates=m, n_parameters=n_par, condition_number=float(cond))
+
+
+def remove_noise(matrix: np.ndarray, noise: np.ndarray) -> np.ndarray:
+    """``matrix - noise`` with each direction's noise fraction capped at ``MAX_NOISE_FRACTION``.
+
+    With ``matrix = L L^T`` (Cholesky) and ``L^-1 noise L^-T = U diag(mu) U^T``, returns
+    ``L U diag(1 - min(mu, cap)) U^T L^T``, which stays positive definite.
+
+    Parameters
+    ----------
+    matrix : numpy.ndarray
+        Symmetric positive definite normal matrix (best diagonally scaled).
+    noise : numpy.ndarray
+        The expected noise part of ``matrix``, in the same scaling.
+
+    Raises
+    ------
+    numpy.linalg.LinAlgError
+        If ``matrix`` is not positive definite.
+    """
+    lower = np.linalg.cholesky(matrix)
+    whitened = scipy.linalg.solve_triangular(lower, noise, lower=True)
+    whitened = scipy.linalg.solve_triangular(lower, whitened.T, lower=True).T
+    mu, vecs = np.linalg.eigh(0.5 * (whitened + whitened.T))
+    keep = 1.0 - np.clip(mu, 0.0, MAX_NOISE_FRACTION)
+    inner = (vecs * keep) @ vecs.T
+    corrected = lower @ inner @ lower.T
+    return 0.5 * (corrected + corrected.T)
 
 
 def local_parameters(kernel: SpatialKernel, candidate: KernelCandidate) -> np.ndarray:

@@ -181,11 +181,14 @@ def build_report(
             "amplitudeErrorMedian": float(np.median(rel)) if len(rel) else math.nan,
             "variablesAmplitudeSnr20": int(precise.sum()),
             "amplitudeErrorMedianSnr20": float(np.median(rel[precise])) if precise.any() else math.nan,
+            "amplitudeErrorMaxSnr20": float(np.max(rel[precise])) if precise.any() else math.nan,
             "amplitudePullMedianAbs": float(np.median(np.abs(pulls))) if len(pulls) else math.nan,
         }
         if precise.any():
             value = float(np.median(rel[precise]))
             checks.append(_check("light-curve amplitude error, amplitude S/N >= 20 (median)", value, "within 5%", value <= 0.05))
+            worst = float(np.max(rel[precise]))
+            checks.append(_check("light-curve amplitude error, amplitude S/N >= 20 (largest)", worst, "within 5%", worst <= 0.05))
         path = figures.plot_light_curves(curves, out / "light_curves.png")
         images.append(path)
         sections.append(("Light curves", "diaForcedSource fluxes of simulated variable stars; the line is the true light curve (offset by the template flux).", [path]))

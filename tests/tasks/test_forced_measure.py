@@ -171,3 +171,29 @@ def test_background_follows_a_gradient_and_ignores_no_data() -> None:
     # Boxes are 50 px: within ~2 boxes of the borders the model extrapolates a box median.
     inner = (slice(75, 225), slice(115, 225))
     assert np.abs(background[inner] - plane[inner]).max() < 0.3
+
+
+def test_noise_cross_correlation_measures_shared_noise() -> None:
+    from tasks.measure.noise import noise_cross_correlation
+
+    rng = np.random.default_rng(11)
+    shape = (400, 400)
+    first = rng.normal(0.0, 2.0, shape)
+    # The second image holds w = 0.4 of the first's noise smoothed by a unit-sum Gaussian k, plus
+    # its own noise: rho must be w k at every lag.
+    s, w = 1.0, 0.4
+    shared = w * ndimage.gaussian_filter(first, s, mode="wrap")
+    own = rng.normal(0.0, 0.5, shape)
+    a = _exposure(np.zeros(shape), first, 4.0)
+    b = _exposure(np.zeros(shape), shared + own, float((shared + own).var()))
+    rho = noise_cross_correlation(a, b, 3)
+    impulse = np.zeros((7, 7))
+    impulse[3, 3] = 1.0
+    expected = w * ndimage.gaussian_filter(impulse, s, mode="constant", truncate=10.0)
+    np.testing.assert_allclose(rho, expected, atol=0.01)
+    assert rho[2:5, 2:5].sum() == pytest.approx(expected[2:5, 2:5].sum(), rel=0.05)
+    # independent images: no shared noise
+    c = _exposure(np.zeros(shape), rng.normal(0.0, 1.0, shape), 1.0)
+    assert np.abs(noise_cross_correlation(a, c, 3)).max() < 0.01
+    with pytest.raises(ValueError, match="one shape"):
+        noise_cross_correlation(a, _exposure(np.zeros((10, 10)), np.zeros((10, 10)), 1.0), 3)

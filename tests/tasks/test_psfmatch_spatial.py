@@ -134,3 +134,24 @@ def test_spatially_varying_kernel_sum_needs_a_varying_first_term(basis: AlardLup
     for x in (0.0, 300.0, 599.0):
         assert varying.kernel_sum(x, 250.0) == pytest.approx(1.0 + 0.1 * x / 599.0, rel=1e-4)
     assert constant.kernel_sum(0.0, 250.0) == pytest.approx(constant.kernel_sum(599.0, 250.0), rel=1e-12)
+
+
+def test_remove_noise_caps_each_direction_and_stays_positive_definite() -> None:
+    from tasks.psfmatch.spatial import MAX_NOISE_FRACTION, remove_noise
+
+    rng = np.random.default_rng(2)
+    q, _ = np.linalg.qr(rng.normal(size=(4, 4)))
+    matrix = q @ np.diag([4.0, 3.0, 2.0, 1.0]) @ q.T
+    lower = np.linalg.cholesky(matrix)
+    # noise fractions 0.1 and 0.3 are removed in full; 0.8 and 1.5 are capped
+    mu = np.array([0.1, 0.3, 0.8, 1.5])
+    v, _ = np.linalg.qr(rng.normal(size=(4, 4)))
+    noise = lower @ v @ np.diag(mu) @ v.T @ lower.T
+    corrected = remove_noise(matrix, noise)
+    whitened = np.linalg.solve(lower, np.linalg.solve(lower, corrected).T).T
+    kept = np.sort(np.linalg.eigvalsh(whitened))
+    np.testing.assert_allclose(kept, np.sort(1.0 - np.minimum(mu, MAX_NOISE_FRACTION)), atol=1e-10)
+    assert np.linalg.eigvalsh(corrected).min() > 0
+    # a small noise part is simply subtracted
+    small = 1e-3 * matrix
+    np.testing.assert_allclose(remove_noise(matrix, small), matrix - small, rtol=1e-10, atol=1e-12)
