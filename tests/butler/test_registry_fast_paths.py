@@ -85,3 +85,48 @@ def test_memoized_closures_equal_fresh_ones_and_unknown_names_still_raise():
     for _ in range(2):
         with pytest.raises(DimensionNameError, match="exposure_nope"):
             universe.required_closure(["visit", "exposure_nope"])
+
+
+def test_refs_from_registry_rows_leave_out_missing_values_and_restore_the_collector():
+    import gc
+
+    from butler.refs import DatasetRef, DatasetType
+
+    dt = DatasetType("calexp", ("instrument", "visit", "detector"), "Exposure")
+    dims = ("instrument", "band", "visit", "detector")
+    rows = [("Cam", "r", 1, 2, "a" * 32, "p/a.zarr"), ("Cam", None, 1, 3, "b" * 32, None)]
+    refs = DatasetRef.many_from_registry(dt, dims, rows, "run")
+    assert refs[0] == DatasetRef(dt, {"instrument": "Cam", "band": "r", "visit": 1, "detector": 2}, "run", "a" * 32)
+    assert refs[0].path == "p/a.zarr" and refs[1].path is None
+    assert refs[1].data_id == {"instrument": "Cam", "visit": 1, "detector": 3}
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        DatasetRef.many_from_registry(dt, dims, rows, "run")
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
+def test_a_repeated_dataset_query_sees_new_datasets_and_checks_its_values(butler):
+    from butler.errors import DataIdError
+
+    from .conftest import INSTRUMENT
+
+    butler.register_dataset_type("info", ["visit", "detector"], "StructuredDataDict")
+    butler.put({"a": 1}, "info", instrument=INSTRUMENT, visit=100, detector=0)
+
+    def visits(**kwargs) -> list[tuple[int, int]]:
+        return [(r.data_id["visit"], r.data_id["detector"]) for r in butler.query_datasets("info", **kwargs)]
+
+    assert visits(where="visit > :v", bind={"v": 99}) == [(100, 0)]
+    butler.put({"a": 2}, "info", instrument=INSTRUMENT, visit=101, detector=1)
+    assert visits(where="visit > :v", bind={"v": 99}) == [(100, 0), (101, 1)]
+    assert visits(where="visit > :v", bind={"v": 100}) == [(101, 1)]
+    for _ in range(2):
+        assert visits(where="detector IN (:dets)", bind={"dets": [1, 3]}) == [(101, 1)]
+        assert visits(visit=100) == [(100, 0)]
+        assert visits(limit=1) == [(100, 0)]
+    with pytest.raises(DataIdError):
+        visits(visit=True)
+    assert len(butler.registry._one_run_statements) == 4
