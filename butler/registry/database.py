@@ -147,7 +147,9 @@ def insert_many(conn: Connection, table: sa.Table, columns: Sequence[str], rows:
     conn.execute(statement, [dict(zip(columns, row, strict=True)) for row in rows])
 
 
-def insert_committed(engine: Engine, table: sa.Table, columns: Sequence[str], rows: Sequence[tuple]) -> None:
+def insert_committed(
+    engine: Engine, table: sa.Table, columns: Sequence[str], rows: Sequence[tuple], *, before: Sequence[str] = ()
+) -> None:
     """Insert rows in a write transaction of their own, committed when this returns.
 
     On SQLite the transaction runs on a pooled driver connection: ``BEGIN IMMEDIATE``, the
@@ -156,12 +158,27 @@ def insert_committed(engine: Engine, table: sa.Table, columns: Sequence[str], ro
     result handling cost ~260 us of ~380 us (measured on puts: twice SQLite's own work).  Driver
     errors are raised as SQLAlchemy's (:class:`sqlalchemy.exc.IntegrityError` for a conflict),
     after a rollback.
+
+    Parameters
+    ----------
+    engine : Engine
+        The registry's engine.
+    table : sqlalchemy.Table
+        Where the rows go.
+    columns : sequence of str
+        Column names, in the order of each row's values.
+    rows : sequence of tuple
+        The values.
+    before : sequence of str
+        Statements without parameters run first in the same transaction (a new registry's DDL).
     """
     if not rows:
         return
     driver = _driver_insert(engine, table, columns, rows)
     if driver is None:
         with write_transaction(engine) as conn:
+            for statement in before:
+                conn.exec_driver_sql(statement)
             insert_many(conn, table, columns, rows)
         return
     sql, parameters = driver
@@ -171,6 +188,8 @@ def insert_committed(engine: Engine, table: sa.Table, columns: Sequence[str], ro
         cursor = connection.cursor()
         cursor.execute("BEGIN IMMEDIATE")
         try:
+            for statement in before:
+                cursor.execute(statement)
             cursor.executemany(sql, parameters)
             cursor.execute("COMMIT")
         except BaseException:

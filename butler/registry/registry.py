@@ -136,17 +136,16 @@ class Registry:
         """Create the tables of a new registry at ``db`` (SQLite path or SQLAlchemy URL)."""
         engine = make_engine(db)
         registry = cls(engine, universe)
-        with write_transaction(engine) as conn:
-            # A new database: create_all's statements without asking whether each table exists.
-            for statement in registry.tables.create_statements(conn.dialect):
-                conn.exec_driver_sql(statement)
-            conn.execute(
-                registry.tables.attributes.insert(),
-                [
-                    {"name": "schema_version", "value": str(SCHEMA_VERSION)},
-                    {"name": "universe", "value": json.dumps(universe.to_config())},
-                ],
-            )
+        engine.raw_connection().close()  # connected once: the dialect knows the server's version
+        # A new database: create_all's statements without asking whether each table exists, and
+        # the attributes, in one transaction.
+        insert_committed(
+            engine,
+            registry.tables.attributes,
+            ["name", "value"],
+            [("schema_version", str(SCHEMA_VERSION)), ("universe", json.dumps(universe.to_config()))],
+            before=registry.tables.create_statements(engine.dialect),
+        )
         return registry
 
     @classmethod

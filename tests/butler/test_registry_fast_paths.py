@@ -130,3 +130,14 @@ def test_a_repeated_dataset_query_sees_new_datasets_and_checks_its_values(butler
     with pytest.raises(DataIdError):
         visits(visit=True)
     assert len(butler.registry._one_run_statements) == 4
+
+
+def test_statements_run_before_an_insert_share_its_transaction(registry, tmp_path):
+    table = registry.tables.collection
+    with pytest.raises(sa.exc.OperationalError):
+        insert_committed(registry.engine, table, ["name", "type"], [("a", 1)], before=["CREATE TABLE x (a)"] * 2)
+    assert _collections(tmp_path / "reg.sqlite3") == []
+    insert_committed(registry.engine, table, ["name", "type"], [("a", 1)], before=["CREATE TABLE x (a)"])
+    assert _collections(tmp_path / "reg.sqlite3") == [("a", 1)]
+    with registry.engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT count(*) FROM x").scalar() == 0
