@@ -141,3 +141,15 @@ def test_statements_run_before_an_insert_share_its_transaction(registry, tmp_pat
     assert _collections(tmp_path / "reg.sqlite3") == [("a", 1)]
     with registry.engine.connect() as conn:
         assert conn.exec_driver_sql("SELECT count(*) FROM x").scalar() == 0
+
+
+def test_importing_the_butler_class_leaves_sqlalchemy_for_the_first_repository(tmp_path):
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from butler.butler import Butler; assert 'sqlalchemy' not in sys.modules; "
+        f"Butler.create({str(tmp_path / 'repo')!r}); assert 'sqlalchemy' in sys.modules"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
