@@ -61,6 +61,7 @@ from tasks.psfmatch.spatial import fit_spatial_kernel, local_parameters, remove_
 from tasks.measure.noise import noise_cross_correlation, noise_scale
 
 from .errors import InsufficientKernelSourcesError, KernelSolutionError, MissingPsfError
+from .utils import convolve_constant
 
 __all__ = [
     "MakeKernelConfig",
@@ -404,12 +405,15 @@ class MakeKernelTask(Task):
         """Fraction ``w`` of the convolved image's noise that reappears, PSF-matched, in the other image.
 
         When the science visit went into the coadd template, the template holds ``w`` times the
-        science noise matched by nearly the true kernel ``K``; the cross-correlation of the two
-        images' noise is then ``w K`` (:func:`tasks.measure.noise.noise_cross_correlation`).  ``w``
-        is its sum over the central 5 x 5 lags over the same sum of the fitted kernel (the
-        noise-dominated wider lags would add scatter).  That shared noise biases the fit the other
-        way, so the errors-in-variables correction is scaled by ``1 - w``, which leaves the fit
-        unbiased when the shared part is matched by ``K``.
+        science noise matched by nearly the true kernel ``K``.  The noise of the convolved image
+        ``T`` and of the difference ``D = S - K (x) T`` then correlate as ``(w - 1) K``
+        (:func:`tasks.measure.noise.noise_cross_correlation`; ``-K`` alone for independent
+        images).  The difference, not ``S``, is correlated with ``T`` because the sky's faint
+        sources, common to both images, would correlate ``S`` and ``T`` by their signal.  ``w``
+        is ``1 +`` the correlation summed over the central 5 x 5 lags over the same sum of ``K``,
+        measured on the central 1024 x 1024 pixels with the kernel and background of their centre.
+        That shared noise biases the fit the other way, so the errors-in-variables correction is
+        scaled by ``1 - w``, which leaves the fit unbiased when the shared part is matched by ``K``.
 
         Returns
         -------
@@ -417,12 +421,24 @@ class MakeKernelTask(Task):
             ``w`` (near 0 for independent images).
         """
         half = 2
-        rho = noise_cross_correlation(template, science, half)
-        cx, cy = science.bbox.center
+        size = 1024
+        bbox = science.bbox
+        width, height = min(bbox.width, size), min(bbox.height, size)
+        box = Box(bbox.x0 + (bbox.width - width) // 2, bbox.y0 + (bbox.height - height) // 2, width, height)
+        cx, cy = box.center
         image = kernel.kernel_image(cx, cy)
+        convolved = template.subexposure(box)
+        difference = science.subexposure(box, deep=True)
+        usable = np.isfinite(convolved.image) & np.isfinite(convolved.variance)
+        blank = np.where(usable, convolved.image, 0.0).astype(np.float64)
+        blank_variance = np.where(usable, convolved.variance, 0.0).astype(np.float64)
+        difference.image[...] = difference.image - convolve_constant(blank, image) - kernel.background(cx, cy)
+        # the difference's own variance, so that only its real outliers are left out as sources
+        difference.variance[...] = difference.variance + convolve_constant(blank_variance, image**2)
+        rho = noise_cross_correlation(convolved, difference, half)
         c = image.shape[0] // 2
         core = float(image[c - half : c + half + 1, c - half : c + half + 1].sum())
-        shared = float(rho.sum()) / core if core > 0 else 0.0
+        shared = 1.0 + float(rho.sum()) / core if core > 0 else 0.0
         self.metadata["sharedNoiseFraction"] = shared
         return shared
 
