@@ -263,3 +263,42 @@ def select_rows(engine: Engine, statement: Any, parameters: dict[str, Any]) -> l
         raise sa.exc.DBAPIError.instance(sql, parameters, exc, dbapi.Error) from exc
     finally:
         connection.close()
+
+
+def positional_on_sqlite(engine: Engine, statement: Any) -> bool:
+    """Whether :func:`select_rows_in_snapshot` can run ``statement`` (SQLite, positional parameters)."""
+    return is_sqlite(engine) and _positional_select(statement, engine.dialect) is not None
+
+
+def select_rows_in_snapshot(engine: Engine, first: Any, then: Any) -> tuple[list[tuple], list[tuple] | None]:
+    """Rows of ``first``, then of the statement ``then(rows of first)`` (unless it is None), in one snapshot.
+
+    SQLite only, for statements of :func:`positional_on_sqlite`: both run on one pooled driver
+    connection inside ``BEGIN`` ... ``COMMIT``, so a commit between them is not seen by the second.
+    """
+    dbapi = engine.dialect.loaded_dbapi
+    connection = engine.raw_connection()
+    sql = "BEGIN"
+    try:
+        cursor = connection.cursor()
+        try:
+            cursor.execute(sql)
+            sql, names, values = _positional_select(first, engine.dialect)
+            rows = cursor.execute(sql, [values[name] for name in names]).fetchall()
+            second = then(rows)
+            more = None
+            if second is not None:
+                sql, names, values = _positional_select(second, engine.dialect)
+                more = cursor.execute(sql, [values[name] for name in names]).fetchall()
+            sql = "COMMIT"
+            cursor.execute(sql)
+            return rows, more
+        except BaseException:
+            connection.rollback()
+            raise
+        finally:
+            cursor.close()
+    except dbapi.Error as exc:
+        raise sa.exc.DBAPIError.instance(sql, None, exc, dbapi.Error) from exc
+    finally:
+        connection.close()

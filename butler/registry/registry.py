@@ -37,8 +37,10 @@ from .database import (
     insert_many,
     insert_or_ignore,
     make_engine,
+    positional_on_sqlite,
     read_connection,
     select_rows,
+    select_rows_in_snapshot,
     write_transaction,
 )
 from .schema import COLLECTION_TYPES, SCHEMA_VERSION, RegistryTables, tables_for
@@ -812,7 +814,7 @@ class Registry:
             one_run_key = _statement_key(type_id, run_ids[0], where, bind, data_id, limit)
             statement = self._one_run_statements.get(one_run_key) if one_run_key is not None else None
             if statement is not None:
-                return self._one_run_refs(dt, *statement, run_ids[0])
+                return self._one_run_refs(dt, statement, run_ids[0])
         d = self.tables.dataset
         dims = self.universe.full_closure(dt.dimensions)
         conditions = [d.c.dataset_type_id == type_id]
@@ -841,15 +843,26 @@ class Registry:
             return query.where(*conditions)
 
         if len(colls) == 1 and run_ids:
-            query = select(leading=[*(d.c[k] for k in dims if k not in constants), d.c.id, d.c.path])
-            query = query.where(d.c.run_id == run_ids[0]).order_by(*(d.c[k] for k in dt.dimensions))
-            if limit is not None:
-                query = query.limit(limit)
+            in_run = d.c.run_id == run_ids[0]
+            order = [d.c[k] for k in dt.dimensions]
+
+            def rows_of(names: Iterable[str]) -> Any:
+                query = select(leading=[*(d.c[k] for k in names), d.c.id, d.c.path]).where(in_run).order_by(*order)
+                return query if limit is None else query.limit(limit)
+
+            full = rows_of(k for k in dims if k not in constants)
+            plan: tuple = (full, constants)
+            implied = tuple(k for k in dims if k not in constants and k not in dt.dimensions)
+            if implied:
+                distinct = select(leading=[d.c[k] for k in implied]).where(in_run).distinct().limit(2)
+                narrow = rows_of(k for k in dims if k not in constants and k not in implied)
+                if all(positional_on_sqlite(self.engine, q) for q in (full, distinct, narrow)):
+                    plan = (full, constants, implied, distinct, narrow)
             if one_run_key is not None:
                 if len(self._one_run_statements) >= _STATEMENT_CACHE_SIZE:
                     self._one_run_statements.clear()
-                self._one_run_statements[one_run_key] = (query, constants)
-            return self._one_run_refs(dt, query, constants, run_ids[0])
+                self._one_run_statements[one_run_key] = plan
+            return self._one_run_refs(dt, plan, run_ids[0])
         # (collection rank, run id, row); a single RUN collection needs neither rank nor find-first.
         rows: list[tuple[int, int, tuple]] = []
         single_run = False
@@ -900,9 +913,7 @@ class Registry:
             refs.append(make_ref(dt, data_id, run_names[run_id], row[0], row[1]))
         return refs
 
-    def _one_run_refs(
-        self, dt: DatasetType, query: Any, constants: dict[str, Any], run_id: int
-    ) -> list[DatasetRef]:
+    def _one_run_refs(self, dt: DatasetType, plan: tuple, run_id: int) -> list[DatasetRef]:
         """:meth:`query_datasets` in one RUN collection: sorted and limited by SQLite, refs built in one pass.
 
         The rows hold the data ID values that vary (not ``constants``: the values fixed by the
@@ -913,10 +924,31 @@ class Registry:
         is the driver making Python values.  The statement is kept for the next identical
         query: building and running it through SQLAlchemy was ~60% of a query returning 100
         refs (measured).
+
+        ``plan`` is ``(statement, constants)``, or, when implied dimensions (band,
+        physical_filter) vary: ``(statement, constants, implied, distinct, narrow)``.  Then
+        ``distinct`` (their distinct values, at most two rows) runs first; one combination makes
+        them constants too and ``narrow`` (without their columns) fetches the rows, in the same
+        snapshot.  For 1,900 refs of one filter: ~1.53 ms for the rows with both columns,
+        ~1.37 ms for both statements (measured).
         """
-        rows = select_rows(self.engine, query, {})
         dims = self.universe.full_closure(dt.dimensions)
-        return DatasetRef.many_from_columns(dt, dims, constants, rows, self._run_name(run_id))
+        run = self._run_name(run_id)
+        if len(plan) == 2:
+            statement, constants = plan
+            return DatasetRef.many_from_columns(dt, dims, constants, select_rows(self.engine, statement, {}), run)
+        full, constants, implied, distinct, narrow = plan
+        combinations, rows = select_rows_in_snapshot(
+            self.engine, distinct, lambda found: full if len(found) > 1 else narrow if found else None
+        )
+        if not combinations:
+            return []
+        if len(combinations) > 1:
+            return DatasetRef.many_from_columns(dt, dims, constants, rows, run)
+        values = dict(zip(implied, combinations[0], strict=True))
+        # A value that is None is not in the data IDs: the dimension is left out of them.
+        dims = tuple(k for k in dims if values.get(k, "") is not None)
+        return DatasetRef.many_from_columns(dt, dims, {**constants, **values}, rows, run)
 
     def _equalities(self, clause: Any, table: sa.Table, dims: tuple[str, ...]) -> list[tuple[str, Any]]:
         """``(dimension, value)`` of the ``column = value`` terms ANDed at the top of a where clause.

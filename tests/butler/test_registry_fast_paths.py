@@ -146,9 +146,20 @@ def test_importing_the_butler_class_leaves_sqlalchemy_for_the_first_repository(t
     assert proc.returncode == 0, proc.stderr
 
 
-def test_one_run_queries_equal_the_general_path(butler):
+def test_one_run_queries_equal_the_general_path(butler, monkeypatch):
     """The one-run path (constant columns left out of the SELECT) returns what the general path does."""
     from butler.refs import DatasetRef
+    from butler.registry import registry as registry_module
+
+    combinations = []  # how many distinct implied-value combinations each two-statement query found
+    in_snapshot = registry_module.select_rows_in_snapshot
+
+    def counting(engine, first, then):
+        found, rows = in_snapshot(engine, first, then)
+        combinations.append(len(found))
+        return found, rows
+
+    monkeypatch.setattr(registry_module, "select_rows_in_snapshot", counting)
 
     from .conftest import INSTRUMENT, N_DETECTORS, N_VISITS
 
@@ -178,6 +189,11 @@ def test_one_run_queries_equal_the_general_path(butler):
         {"where": "visit.seeing > 0.75 AND detector = 3"},
         {"where": "visit = 103 AND detector = 1 AND instrument = 'SimCam'"},
         {"band": "g"},
+        {"where": "visit = 105 AND detector = 0"},  # one row, stored without band: left out
+        {"where": "visit = 105"},  # band 'r' and no band
+        {"where": "visit >= 103 AND visit <= 103 AND detector > 0"},
+        {"where": "visit > 102 AND physical_filter = 'r_sim'"},
+        {"where": "detector IN (1, 2) AND visit > 101"},
         {"visit": 102, "detector": 0},
         {"where": "detector = 1", "limit": 3},
         {"limit": 5},
@@ -193,7 +209,9 @@ def test_one_run_queries_equal_the_general_path(butler):
             assert all(type(r) is DatasetRef for r in fast)
             for ref in fast:  # 2, not 2.0 or '2'
                 assert type(ref.data_id["visit"]) is int and type(ref.data_id["detector"]) is int
-    constants = [c for _, c in reg._one_run_statements.values()]
+    assert butler.query_datasets("info", where="visit > 1000") == []
+    assert {0, 1, 2} <= set(combinations)
+    constants = [plan[1] for plan in reg._one_run_statements.values()]
     assert {"instrument": INSTRUMENT, "detector": 2} in constants and {"detector": 2} in constants
     implied = [r for r in butler.query_datasets("info") if "band" in r.data_id]
     assert implied and all(r.data_id["physical_filter"] == r.data_id["band"] + "_sim" for r in implied)
