@@ -216,3 +216,23 @@ def test_one_run_queries_equal_the_general_path(butler, monkeypatch):
     implied = [r for r in butler.query_datasets("info") if "band" in r.data_id]
     assert implied and all(r.data_id["physical_filter"] == r.data_id["band"] + "_sim" for r in implied)
     assert any("band" not in r.data_id for r in butler.query_datasets("info", where="detector = 0"))
+
+
+def test_select_rows_in_snapshot_does_not_see_a_commit_between_its_statements(registry):
+    from butler.registry.database import positional_on_sqlite, select_rows_in_snapshot
+
+    table = registry.tables.collection
+    insert_committed(registry.engine, table, ["name", "type"], [("a", 1)])
+    names = sa.select(table.c.name).order_by(table.c.name)
+    count = sa.select(sa.func.count()).select_from(table)
+    assert positional_on_sqlite(registry.engine, names) and positional_on_sqlite(registry.engine, count)
+
+    def write_then_count(rows):
+        insert_committed(registry.engine, table, ["name", "type"], [("b", 1)])  # another connection
+        return count
+
+    assert select_rows_in_snapshot(registry.engine, names, write_then_count) == ([("a",)], [(1,)])
+    assert select_rows_in_snapshot(registry.engine, names, lambda rows: None) == ([("a",), ("b",)], None)
+    with pytest.raises(sa.exc.OperationalError):
+        select_rows_in_snapshot(registry.engine, names, lambda rows: sa.select(sa.text("nope")))
+    assert registry.engine.pool.checkedout() == 0
