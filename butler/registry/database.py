@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -182,23 +182,44 @@ def insert_committed(
             insert_many(conn, table, columns, rows)
         return
     sql, parameters = driver
+    with _driver_cursor(engine, begin="BEGIN IMMEDIATE") as run:
+        for statement in before:
+            run(statement)
+        run(sql, parameters, many=True)
+
+
+@contextlib.contextmanager
+def _driver_cursor(engine: Engine, *, begin: str | None = None) -> Iterator[Callable[..., Any]]:
+    """A cursor of a pooled driver connection, as ``run(sql, parameters=(), many=False)``.
+
+    With ``begin`` (``"BEGIN"`` or ``"BEGIN IMMEDIATE"``) the block is one transaction: committed
+    when it ends, rolled back by the driver (a no-op when SQLite already rolled back) when it
+    raises.  Driver errors are raised as SQLAlchemy's, naming the statement that failed.
+    """
     dbapi = engine.dialect.loaded_dbapi
     connection = engine.raw_connection()
+    current = [begin or ""]
+
+    def run(sql: str, parameters: Any = (), many: bool = False) -> Any:
+        current[0] = sql
+        return cursor.executemany(sql, parameters) if many else cursor.execute(sql, parameters)
+
     try:
         cursor = connection.cursor()
-        cursor.execute("BEGIN IMMEDIATE")
         try:
-            for statement in before:
-                cursor.execute(statement)
-            cursor.executemany(sql, parameters)
-            cursor.execute("COMMIT")
+            if begin:
+                run(begin)
+            yield run
+            if begin:
+                run("COMMIT")
         except BaseException:
-            connection.rollback()  # the driver's: a no-op when SQLite already rolled back
+            if begin:
+                connection.rollback()
             raise
         finally:
             cursor.close()
     except dbapi.Error as exc:
-        raise sa.exc.DBAPIError.instance(sql, None, exc, dbapi.Error) from exc
+        raise sa.exc.DBAPIError.instance(current[0], None, exc, dbapi.Error) from exc
     finally:
         connection.close()
 
@@ -251,18 +272,8 @@ def select_rows(engine: Engine, statement: Any, parameters: dict[str, Any]) -> l
             return [tuple(row) for row in conn.execute(statement, parameters)]
     sql, names, values = compiled
     values = {**values, **parameters}
-    dbapi = engine.dialect.loaded_dbapi
-    connection = engine.raw_connection()
-    try:
-        cursor = connection.cursor()
-        try:
-            return cursor.execute(sql, [values[name] for name in names]).fetchall()
-        finally:
-            cursor.close()
-    except dbapi.Error as exc:
-        raise sa.exc.DBAPIError.instance(sql, parameters, exc, dbapi.Error) from exc
-    finally:
-        connection.close()
+    with _driver_cursor(engine) as run:
+        return run(sql, [values[name] for name in names]).fetchall()
 
 
 def positional_on_sqlite(engine: Engine, statement: Any) -> bool:
@@ -276,29 +287,12 @@ def select_rows_in_snapshot(engine: Engine, first: Any, then: Any) -> tuple[list
     SQLite only, for statements of :func:`positional_on_sqlite`: both run on one pooled driver
     connection inside ``BEGIN`` ... ``COMMIT``, so a commit between them is not seen by the second.
     """
-    dbapi = engine.dialect.loaded_dbapi
-    connection = engine.raw_connection()
-    sql = "BEGIN"
-    try:
-        cursor = connection.cursor()
-        try:
-            cursor.execute(sql)
-            sql, names, values = _positional_select(first, engine.dialect)
-            rows = cursor.execute(sql, [values[name] for name in names]).fetchall()
-            second = then(rows)
-            more = None
-            if second is not None:
-                sql, names, values = _positional_select(second, engine.dialect)
-                more = cursor.execute(sql, [values[name] for name in names]).fetchall()
-            sql = "COMMIT"
-            cursor.execute(sql)
-            return rows, more
-        except BaseException:
-            connection.rollback()
-            raise
-        finally:
-            cursor.close()
-    except dbapi.Error as exc:
-        raise sa.exc.DBAPIError.instance(sql, None, exc, dbapi.Error) from exc
-    finally:
-        connection.close()
+    with _driver_cursor(engine, begin="BEGIN") as run:
+        sql, names, values = _positional_select(first, engine.dialect)
+        rows = run(sql, [values[name] for name in names]).fetchall()
+        second = then(rows)
+        more = None
+        if second is not None:
+            sql, names, values = _positional_select(second, engine.dialect)
+            more = run(sql, [values[name] for name in names]).fetchall()
+    return rows, more

@@ -799,15 +799,17 @@ def select_spatial_order(
     ff = (f[:, :, None] * f[:, None, :]).reshape(k, n_t * n_t)
     npix = np.array([max(c.solution.n_pixels, 1) for c in candidates], dtype=np.float64)  # type: ignore[union-attr]
     totals = {o: 0.0 for o in orders}
+
+    def kernel_block(matrices: np.ndarray, train: np.ndarray) -> np.ndarray:
+        # kernel-kernel block G[i, s, j, t] = sum_k M_k[i, j] f_k[s] f_k[t]
+        block = matrices[train, :n_basis, :n_basis].reshape(-1, n_basis * n_basis).T @ ff[train]
+        return block.reshape(n_basis, n_basis, n_t, n_t).transpose(0, 2, 1, 3)
+
     for fold in range(n_folds):
         train = folds != fold
         test = ~train
-        # kernel-kernel block G[i, s, j, t] = sum_k M_k[i, j] f_k[s] f_k[t]
-        kk = (mats[train, :n_basis, :n_basis].reshape(-1, n_basis * n_basis).T @ ff[train])
-        kk = kk.reshape(n_basis, n_basis, n_t, n_t).transpose(0, 2, 1, 3)
-        if noise is not None:
-            nkk = (noise[train, :n_basis, :n_basis].reshape(-1, n_basis * n_basis).T @ ff[train])
-            nkk = nkk.reshape(n_basis, n_basis, n_t, n_t).transpose(0, 2, 1, 3)
+        kk = kernel_block(mats, train)
+        nkk = kernel_block(noise, train) if noise is not None else None
         kb = np.einsum("kiu,ks->isu", mats[train, :n_basis, n_basis:], f[train])  # (n_basis, T, n_bg)
         bb = mats[train, n_basis:, n_basis:].sum(axis=0)
         vk = np.einsum("ki,ks->is", vecs[train, :n_basis], f[train])

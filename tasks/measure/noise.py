@@ -49,6 +49,24 @@ def aperture_kernel(radius: float) -> NDArray[np.float64]:
     return aperture_weights(radius, grid[None, :], grid[:, None])
 
 
+def _central_pixels(
+    exposure: Exposure, bad_planes: Iterable[str], max_size: int
+) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.bool_]]:
+    """Image and variance (float64) of the central ``max_size`` x ``max_size`` pixels at most, and
+    which of them are usable: finite, in no plane of ``bad_planes``."""
+    height, width = exposure.shape
+    ya = max(0, (height - max_size) // 2)
+    xa = max(0, (width - max_size) // 2)
+    sl = (slice(ya, ya + min(height, max_size)), slice(xa, xa + min(width, max_size)))
+    image = exposure.image[sl].astype(np.float64)
+    variance = exposure.variance[sl].astype(np.float64)
+    usable = np.isfinite(image) & np.isfinite(variance)
+    bits = plane_bits(exposure.mask_planes, bad_planes)
+    if bits:
+        usable &= (exposure.mask[sl] & bits) == 0
+    return image, variance, usable
+
+
 def noise_scale(
     exposure: Exposure,
     weights: NDArray[np.float64],
@@ -86,16 +104,7 @@ def noise_scale(
     kernel = np.asarray(weights, dtype=np.float64)
     if kernel.ndim != 2 or kernel.shape[0] % 2 == 0 or kernel.shape[1] % 2 == 0:
         raise ValueError(f"weights must be a 2-D array of odd dimensions, got shape {kernel.shape}")
-    height, width = exposure.shape
-    ya = max(0, (height - max_size) // 2)
-    xa = max(0, (width - max_size) // 2)
-    sl = (slice(ya, ya + min(height, max_size)), slice(xa, xa + min(width, max_size)))
-    image = exposure.image[sl].astype(np.float64)
-    variance = exposure.variance[sl].astype(np.float64)
-    usable = np.isfinite(image) & np.isfinite(variance)
-    bits = plane_bits(exposure.mask_planes, bad_planes)
-    if bits:
-        usable &= (exposure.mask[sl] & bits) == 0
+    image, variance, usable = _central_pixels(exposure, bad_planes, max_size)
     weight2 = kernel**2
     # Usable pixels carry at least min_weight_fraction of sum(w^2) at a position (outside the image
     # counts as unusable); unusable pixels are left out of both the flux and its predicted error.
@@ -151,26 +160,13 @@ def noise_cross_correlation(
     """
     if first.shape != second.shape:
         raise ValueError(f"noise cross-correlation needs images of one shape, got {first.shape} and {second.shape}")
-    height, width = first.shape
-    ya = max(0, (height - max_size) // 2)
-    xa = max(0, (width - max_size) // 2)
-    sl = (slice(ya, ya + min(height, max_size)), slice(xa, xa + min(width, max_size)))
-    planes = []
-    usable = np.ones(first.image[sl].shape, dtype=bool)
-    for exp in (first, second):
-        image = exp.image[sl].astype(np.float64)
-        variance = exp.variance[sl].astype(np.float64)
-        ok = np.isfinite(image) & np.isfinite(variance) & (variance > 0)
-        bits = plane_bits(exp.mask_planes, bad_planes)
-        if bits:
-            ok &= (exp.mask[sl] & bits) == 0
-        usable &= ok
-        planes.append((image, variance))
+    planes = [_central_pixels(exp, bad_planes, max_size) for exp in (first, second)]
+    usable = planes[0][2] & planes[1][2] & (planes[0][1] > 0) & (planes[1][1] > 0)
     if not usable.any():
         return np.zeros((2 * half + 1, 2 * half + 1))
     sources = np.zeros_like(usable)
     centred = []
-    for image, variance in planes:
+    for image, variance, _ in planes:
         level = np.median(image[usable])
         residual = np.where(usable, image - level, 0.0)
         sources |= np.abs(residual) > source_threshold * np.sqrt(np.where(usable, variance, 1.0))

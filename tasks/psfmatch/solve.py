@@ -476,15 +476,10 @@ def _convolved_noise_gram(
     ``R`` is the valid cross-correlation of each ``(N, N)`` variance stamp with its ``(n, n)``
     weight map, one FFT per stamp.  Returns ``(m, n_basis, n_basis)``.
     """
-    size = variance.shape[-1]
-    n = weights.shape[-1]
-    fft = _fft_size(size)
-    prod = scipy.fft.rfft2(variance, s=(fft, fft), workers=workers)
-    prod *= scipy.fft.rfft2(weights[:, ::-1, ::-1], s=(fft, fft), workers=workers)
-    full = scipy.fft.irfft2(prod, s=(fft, fft), workers=workers)
-    # full[a + n - 1] = sum_u V[a + u] w[u]; the basis pixel (y, x) sees the window starting at
-    # (2h - y, 2h - x) = (k - 1 - y, k - 1 - x): R in basis-image order is the window sums reversed.
-    windows = full[:, n - 1 : size, n - 1 : size][:, ::-1, ::-1]
+    # The valid convolution with the reversed weights: window sums sum_u V[a + u] w[u].  The basis
+    # pixel (y, x) sees the window starting at (2h - y, 2h - x) = (k - 1 - y, k - 1 - x): R in
+    # basis-image order is the window sums reversed.
+    windows = _valid_conv_per_stamp(variance, weights[:, ::-1, ::-1], weights.shape[-1], workers)[:, ::-1, ::-1]
     flat = basis.reshape(basis.shape[0], -1)
     return np.einsum("ik,mk,jk->mij", flat, windows.reshape(len(variance), -1), flat, optimize=True)
 
