@@ -15,6 +15,9 @@ After ``lsst.ip.diffim.AlardLuptonSubtractTask`` (and the older ``lsst.pipe.task
    the science ``src`` catalog) and is applied cell by cell with FFTs
    (:func:`tasks.psfmatch.convolve_exposure`): image, variance (``V (x) K^2``) and mask (bits
    grown by the kernel; ``NO_DATA`` where non-finite input reached, ``EDGE`` on the border);
+   with ``doScaleToKernelSources`` the matched template is then rescaled so that the kernel
+   sources' PSF fluxes on the difference average zero (:mod:`.flux_scale`; the kernel returned is
+   rescaled with it, and with the science image convolved so is ``kappa``);
 4. optional decorrelation (:mod:`.decorrelate`, LSST's default) whitens the difference noise; the
    variance plane is then ``V_u (x) phi^2 + V_c (x) (phi (x) K)^2``;
 5. the difference carries the science WCS, calibration and visit info and the PSF of its
@@ -50,6 +53,7 @@ from tasks.psfmatch import SpatialKernel, convolve_exposure
 
 from .decorrelate import convolve_kernels, decorrelated_psf, decorrelation_kernel
 from .errors import BandMismatchError, TemplateGeometryError, with_data_id
+from .flux_scale import kernel_source_flux_scale
 from .make_kernel import MakeKernelTask, psf_fwhm_over_box, require_psf
 from .utils import clipped_std, convolve_constant, good_pixels, merge_mask_planes, plane_bits, remap_mask
 
@@ -114,6 +118,15 @@ class ImageDifferenceConfig(PipelineTaskConfig, pipelineConnections=ImageDiffere
         True, description="Warp a template that is not in the science pixel frame (otherwise raise)"
     )
     warpingKernelName: str = Field("lanczos3", description="Warping kernel for doWarpTemplate")
+    doScaleToKernelSources: bool = Field(
+        True,
+        description="Rescale the matched template so that the kernel sources' PSF fluxes on the difference average "
+        "zero (tasks.diffim.flux_scale): the kernel sum alone scattered by 0.8% rms between visit-detectors of the "
+        "demo survey",
+    )
+    maxFluxScaleCorrection: float = Field(
+        0.05, description="A measured flux-scale correction larger than this fraction is not applied (warning)"
+    )
     doScaleVariance: bool = Field(
         False, description="Rescale the difference variance so its blank-sky normalized residual std is 1"
     )
@@ -308,7 +321,6 @@ class ImageDifferenceTask(PipelineTask):
             matched = convolve_exposure(
                 template, kernel, cell_size=self.config.convolutionCellSize, workers=self.config.fftWorkers
             )
-            matched.image += kres.backgroundModel.image(science.bbox)
         matched.psf = science.psf
         matched.photo_calib = science.photo_calib
         matched.metadata["DIFFIM_ROLE"] = "matchedTemplate"
@@ -316,7 +328,19 @@ class ImageDifferenceTask(PipelineTask):
             planes = merge_mask_planes(dict(science.mask_planes), matched.mask_planes)
             mask = science.mask | remap_mask(matched.mask, matched.mask_planes, planes)
             image = science.image - matched.image
+            image -= kres.backgroundModel.image(science.bbox)
             variance = science.variance + matched.variance
+        if self.config.doScaleToKernelSources:
+            with self.timer("fluxScale"):
+                c = self._fluxScale(image, mask, variance, planes, science, matched, kres.candidates)
+            if c != 1.0:
+                # only the convolved template is rescaled, not the differential background
+                image += np.float32(1.0 - c) * matched.image
+                matched.image *= np.float32(c)
+                matched.variance *= np.float32(c * c)
+                variance = science.variance + matched.variance
+                kernel = kernel.scaled(c)
+        matched.image += kres.backgroundModel.image(science.bbox)
         kappa = 1.0
         phi = None
         if self.config.doDecorrelation:
@@ -378,6 +402,18 @@ class ImageDifferenceTask(PipelineTask):
             )
             image = conv_science.image * inv - matched.image
             variance = conv_science.variance * inv2 + matched.variance
+        if self.config.doScaleToKernelSources:
+            with self.timer("fluxScale"):
+                c = self._fluxScale(image, mask, variance, planes, science, matched, kres.candidates, psf=template.psf)
+            if c != 1.0:
+                # D = K (x) S / kappa - c (T - b) / kappa: the kernel K / c with its sum kappa / c
+                image += np.float32(1.0 - c) * matched.image
+                matched.image *= np.float32(c)
+                matched.variance *= np.float32(c * c)
+                variance = conv_science.variance * inv2 + matched.variance
+                kappa /= c
+                kernel = kernel.scaled(1.0 / c)
+                matched.metadata["KERNEL_SUM"] = kappa
         matched_science = conv_science
         matched_science.image *= inv
         matched_science.variance *= inv2
@@ -402,6 +438,52 @@ class ImageDifferenceTask(PipelineTask):
             decorrelationKernel=phi,
             subtractRes=kres,
         )
+
+    def _fluxScale(  # noqa: N802
+        self,
+        image: np.ndarray,
+        mask: np.ndarray,
+        variance: np.ndarray,
+        planes: dict[str, int],
+        science: Exposure,
+        matched: Exposure,
+        candidates: list[Any],
+        *,
+        psf: Any = None,
+    ) -> float:
+        """The matched template's flux-scale correction (1 when not measured or too large); see ``flux_scale``."""
+        good = [c for c in candidates if getattr(c, "status", "") == "good"]
+        difference = Exposure(
+            image, mask, variance, xy0=science.xy0, psf=science.psf if psf is None else psf, mask_planes=planes
+        )
+        result = kernel_source_flux_scale(
+            difference, matched, [c.x for c in good], [c.y for c in good]
+        )
+        md = self.metadata
+        md["fluxScaleSources"] = result.n_used
+        if not result.measured:
+            self.log.warning(
+                "flux scale not measured: %d of %d kernel sources usable; the kernel sum sets the scale",
+                result.n_used, result.n_input,
+            )
+            md["fluxScaleCorrection"] = 1.0
+            return 1.0
+        md["fluxScaleMeasured"] = result.scale
+        md["fluxScaleError"] = result.error
+        if abs(result.scale - 1.0) > self.config.maxFluxScaleCorrection:
+            self.log.warning(
+                "the kernel sources ask for a flux-scale correction of %.4f +- %.4f, more than maxFluxScaleCorrection=%g: "
+                "not applied (are the kernel sources variable, or the template mis-calibrated?)",
+                result.scale, result.error, self.config.maxFluxScaleCorrection,
+            )
+            md["fluxScaleCorrection"] = 1.0
+            return 1.0
+        self.log.info(
+            "matched template rescaled by %.4f +- %.4f so that %d kernel sources vanish from the difference",
+            result.scale, result.error, result.n_used,
+        )
+        md["fluxScaleCorrection"] = result.scale
+        return result.scale
 
     # ------------------------------------------------------------------ decorrelation
     def _decorrelate(

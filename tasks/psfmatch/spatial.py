@@ -209,6 +209,11 @@ class SpatialKernel:
         basis = self._basis_spec if self._basis_spec is not None else self._images
         return SpatialKernel(basis, coeffs, self._bg, self.bbox, self.kernel_order, self.background_order)
 
+    def scaled(self, factor: float) -> SpatialKernel:
+        """A copy whose kernel (not its background) is multiplied by ``factor`` everywhere."""
+        basis = self._basis_spec if self._basis_spec is not None else self._images
+        return SpatialKernel(basis, self._coeffs * float(factor), self._bg, self.bbox, self.kernel_order, self.background_order)
+
     def without_background(self) -> SpatialKernel:
         """A copy with no background term."""
         basis = self._basis_spec if self._basis_spec is not None else self._images
