@@ -19,7 +19,6 @@ after clipping outliers (a variable star among the candidates).
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass
 
@@ -30,8 +29,6 @@ from butler.exposure import Exposure
 from tasks.measure.photometry import psf_flux
 
 __all__ = ["FluxScale", "kernel_source_flux_scale"]
-
-_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -124,7 +121,7 @@ def kernel_source_flux_scale(
         if keep.sum() < min_sources or keep.sum() == ok.sum():
             break
         ok = keep
-    # the clipping can only tighten: the error is the weighted mean's, scaled by the excess scatter
+    # the weighted mean's error, inflated when the kept sources scatter more than their errors say
     z = (ratio[ok] - mean) / error[ok]
     excess = max(1.0, math.sqrt(float(np.mean(z * z)))) if ok.sum() > 1 else 1.0
     return FluxScale(1.0 + mean, excess / math.sqrt(weight_sum), int(ok.sum()), n_input, True)

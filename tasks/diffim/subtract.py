@@ -327,20 +327,20 @@ class ImageDifferenceTask(PipelineTask):
         with self.timer("difference"):
             planes = merge_mask_planes(dict(science.mask_planes), matched.mask_planes)
             mask = science.mask | remap_mask(matched.mask, matched.mask_planes, planes)
+            background = kres.backgroundModel.image(science.bbox)
             image = science.image - matched.image
-            image -= kres.backgroundModel.image(science.bbox)
+            image -= background
             variance = science.variance + matched.variance
         if self.config.doScaleToKernelSources:
             with self.timer("fluxScale"):
                 c = self._fluxScale(image, mask, variance, planes, science, matched, kres.candidates)
             if c != 1.0:
                 # only the convolved template is rescaled, not the differential background
-                image += np.float32(1.0 - c) * matched.image
-                matched.image *= np.float32(c)
-                matched.variance *= np.float32(c * c)
+                _rescale_matched(image, matched, c)
                 variance = science.variance + matched.variance
                 kernel = kernel.scaled(c)
-        matched.image += kres.backgroundModel.image(science.bbox)
+        matched.image += background
+        del background
         kappa = 1.0
         phi = None
         if self.config.doDecorrelation:
@@ -407,9 +407,7 @@ class ImageDifferenceTask(PipelineTask):
                 c = self._fluxScale(image, mask, variance, planes, science, matched, kres.candidates, psf=template.psf)
             if c != 1.0:
                 # D = K (x) S / kappa - c (T - b) / kappa: the kernel K / c with its sum kappa / c
-                image += np.float32(1.0 - c) * matched.image
-                matched.image *= np.float32(c)
-                matched.variance *= np.float32(c * c)
+                _rescale_matched(image, matched, c)
                 variance = conv_science.variance * inv2 + matched.variance
                 kappa /= c
                 kernel = kernel.scaled(1.0 / c)
@@ -648,6 +646,13 @@ def _candidate_rows(sources: Table, candidates: list[Any]) -> Table:
         return sources[:0]
     keep = np.array([int(i) in used for i in sources["id"]], dtype=bool)
     return sources[keep]
+
+
+def _rescale_matched(difference: np.ndarray, matched: Exposure, scale: float) -> None:
+    """Multiply the matched template (image and variance) by ``scale`` and update ``difference = X - matched``, in place."""
+    difference += np.float32(1.0 - scale) * matched.image
+    matched.image *= np.float32(scale)
+    matched.variance *= np.float32(scale * scale)
 
 
 def _finite_or_zero(array: np.ndarray) -> np.ndarray:
