@@ -23,9 +23,17 @@ After ``lsst.ip.diffim.DetectAndMeasureTask``:
   second moments; pixel flags from the mask within ``flagRadius`` pixels of the centroid (``SAT``,
   ``BAD``, ``NO_DATA``, ``CR``, ``INTRP``, ``EDGE``; ``edge`` also when the PSF stamp runs off the
   image).  Fluxes in nJy through the difference's ``photo_calib``.
-- **Bad sources** -- sources whose centre is saturated, bad or without data are artifacts, not
-  transients: with ``doRemoveBadSources`` (LSST's ``badSourceFlags``) they are dropped from the
-  catalog, counted per flag in the metadata (``nRemoved``); without it they stay, flagged.
+- **Repair residuals** -- a repaired cosmic ray or column (``INTRP``) errs coherently (row
+  interpolation between two noisy end pixels), which the variance plane does not describe, so its
+  residual can pass the matched filter.  Where a source's PSF stamp holds ``INTRP`` pixels its
+  PSF flux is measured again without them: ``interpolationArtifact`` when that flux is below
+  ``interpolationArtifactMaxRatio`` of the PSF flux while the remaining pixels alone would see the
+  source at ``interpolationArtifactMinSnr`` (a point source keeps its flux, a residual drops to
+  zero; when too little of the PSF is left the test cannot tell and the source is kept).
+- **Bad sources** -- sources whose centre is saturated, bad or without data, and repair residuals,
+  are artifacts, not transients: with ``doRemoveBadSources`` (LSST's ``badSourceFlags``) they are
+  dropped from the catalog, counted per flag in the metadata (``nRemoved``); without it they stay,
+  flagged.
 
 Columns follow :mod:`butler.catalog` (``id``, ``coord_ra``, ``coord_dec``, ``x``, ``y``, ``xErr``,
 ``yErr``, ``psfFlux``, ``psfFluxErr``, ``apFlux``, ``apFluxErr``, ``ixx``, ``iyy``, ``ixy``, ``snr``,
@@ -89,6 +97,10 @@ DIA_EXTRA_COLUMNS: dict[str, ColumnSpec] = {
     "pixelFlags_interpolatedCenterAll": ColumnSpec(
         "bool", None, "Every pixel within flagRadius of the centre is interpolated (INTRP): a repaired cosmic ray"
     ),
+    "interpolationArtifact": ColumnSpec(
+        "bool", None, "The PSF flux without the interpolated (INTRP) pixels contradicts the PSF flux: the signal "
+        "lies in repaired pixels (a cosmic-ray or defect repair residual), not in a point source",
+    ),
 }
 
 _FLAG_PLANES = {
@@ -135,13 +147,25 @@ class DetectAndMeasureConfig(PipelineTaskConfig, pipelineConnections=DetectAndMe
     edgeBuffer: int = Field(0, description="Flag pixelFlags_edge within this many pixels of the image border")
     doRemoveBadSources: bool = Field(True, description="Drop sources with any of badSourceFlags set (LSST's default)")
     badSourceFlags: list[str] = Field(
-        ["pixelFlags_saturated", "pixelFlags_bad", "pixelFlags_nodata", "pixelFlags_edge"],
+        ["pixelFlags_saturated", "pixelFlags_bad", "pixelFlags_nodata", "pixelFlags_edge", "interpolationArtifact"],
         description="Flags of artifacts that are not reported as DIA sources (a flagged pixel within flagRadius of "
         "the centroid; edge: an EDGE pixel there -- where the convolutions reached past the image -- or a PSF "
-        "stamp off the image).  pixelFlags_interpolatedCenterAll (LSST removes these) is not in the default: "
-        "measured with benchmarks/bench_diffim.py on simulated pairs it removes the residuals of cosmic rays "
-        "repaired next to bright stars (3 false positives on a 2048x2048 pair, also there with the true kernel) "
-        "but also 1.6-2.9% of the real S/N >= 10 transients, those under a repaired cosmic ray",
+        "stamp off the image; interpolationArtifact: the signal lies in repaired pixels).  "
+        "pixelFlags_interpolatedCenterAll (LSST removes these) is not in the default: measured with "
+        "benchmarks/bench_diffim.py on simulated pairs it removes the residuals of cosmic rays repaired next to "
+        "bright stars but also 1.6-2.9% of the real S/N >= 10 transients, those under a repaired cosmic ray; "
+        "interpolationArtifact removes the residuals and keeps those transients",
+    )
+    interpolationArtifactMinSnr: float = Field(
+        3.0,
+        description="interpolationArtifact needs the pixels that are not interpolated to see the source: its "
+        "|PSF flux| over the error of the PSF flux measured without INTRP pixels must reach this; below it the "
+        "test cannot tell and the source is kept",
+    )
+    interpolationArtifactMaxRatio: float = Field(
+        0.5,
+        description="interpolationArtifact when the PSF flux measured without INTRP pixels is below this fraction "
+        "of the PSF flux (a point source gives 1 within the errors, a repair residual 0)",
     )
     maxPsfMaskedFraction: float = Field(
         0.2, description="psfFlux_flag when more than this fraction of the PSF weight falls on unusable pixels"
@@ -406,7 +430,7 @@ class DetectAndMeasureTask(PipelineTask):
         # the parabola vertex formula finds minima (negative lobes) as well as maxima
         xc, yc = _subpixel_peak(flux_map, lx, ly)
         lobe_snr = np.abs(snr[ly, lx]).astype(np.float64) if n_lobes else np.zeros(0)
-        flux, flux_err, psf_bad, edge, sat_around = self._psf_fluxes(exposure, xc, yc)
+        flux, flux_err, psf_bad, edge, sat_around, artifact = self._psf_fluxes(exposure, xc, yc)
 
         # merge dipoles
         pos_idx = np.flatnonzero(sign > 0)
@@ -427,7 +451,7 @@ class DetectAndMeasureTask(PipelineTask):
                 "snr": max(lobe_snr[a], lobe_snr[b]), "dipole": True,
                 "pos": flux[a], "neg": flux[b], "sep": float(np.hypot(xc[a] - xc[b], yc[a] - yc[b])),
                 "psf_bad": bool(psf_bad[a] or psf_bad[b]), "edge": bool(edge[a] or edge[b]),
-                "sat_around": bool(sat_around[a] or sat_around[b]),
+                "sat_around": bool(sat_around[a] or sat_around[b]), "artifact": bool(artifact[a] or artifact[b]),
             })
         for k in range(n_lobes):
             if k in merged:
@@ -435,7 +459,7 @@ class DetectAndMeasureTask(PipelineTask):
             rows.append({
                 "x": xc[k], "y": yc[k], "flux": flux[k], "err": flux_err[k], "snr": lobe_snr[k], "dipole": False,
                 "pos": np.nan, "neg": np.nan, "sep": np.nan, "psf_bad": bool(psf_bad[k]), "edge": bool(edge[k]),
-                "sat_around": bool(sat_around[k]), "negative": sign[k] < 0,
+                "sat_around": bool(sat_around[k]), "artifact": bool(artifact[k]), "negative": sign[k] < 0,
             })
         n = len(rows)
         table = make_source_catalog(n, DIA_COLUMNS, extra=DIA_EXTRA_COLUMNS, meta={
@@ -477,6 +501,7 @@ class DetectAndMeasureTask(PipelineTask):
         table["dipoleNegFlux"][:] = np.array([r["neg"] for r in rows]) * calib
         table["dipoleSeparation"][:] = np.array([r["sep"] for r in rows], dtype=np.float32)
         table["pixelFlags_saturatedAround"][:] = np.array([r["sat_around"] for r in rows], dtype=bool)
+        table["interpolationArtifact"][:] = np.array([r["artifact"] for r in rows], dtype=bool)
 
         # aperture fluxes
         ap, ap_err, ap_bad = self._aperture_fluxes(exposure, x, y)
@@ -532,20 +557,30 @@ class DetectAndMeasureTask(PipelineTask):
 
     def _psf_fluxes(
         self, exposure: Exposure, xc: np.ndarray, yc: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """PSF-weighted fluxes (counts) at local-frame positions, with their errors and flags."""
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """PSF-weighted fluxes (counts) at local-frame positions, with their errors and flags.
+
+        The last flag is ``interpolationArtifact``: where the PSF stamp holds interpolated
+        (``INTRP``) pixels, the flux is measured again without them.  A point source gives the
+        same flux within the errors; the residual of a repair, whose signal is all in the
+        repaired pixels (and whose interpolated noise the variance plane does not describe),
+        gives about zero.  The test is made only when the remaining pixels see the source at
+        ``interpolationArtifactMinSnr``.
+        """
         psf = exposure.psf
         x0, y0 = exposure.xy0
         height, width = exposure.shape
         image, variance, mask = exposure.image, exposure.variance, exposure.mask
         unusable_bits = plane_bits(exposure.mask_planes, ("NO_DATA", "BAD", "SAT"))
         sat_bit = plane_bits(exposure.mask_planes, ("SAT",))
+        intrp_bit = plane_bits(exposure.mask_planes, ("INTRP",))
         n = xc.size
         flux = np.full(n, np.nan)
         err = np.full(n, np.nan)
         bad = np.zeros(n, dtype=bool)
         edge = np.zeros(n, dtype=bool)
         sat_around = np.zeros(n, dtype=bool)
+        artifact = np.zeros(n, dtype=bool)
         for k in range(n):
             stamp, sx0, sy0 = psf.shifted_image(float(xc[k] + x0), float(yc[k] + y0))
             sx0 -= x0
@@ -576,7 +611,27 @@ class DetectAndMeasureTask(PipelineTask):
             err[k] = math.sqrt(float((w * w * np.where(ok, v, 0.0)).sum())) / p2
             full = float((stamp * stamp).sum())
             bad[k] = edge[k] or (1.0 - p2 / full) > self.config.maxPsfMaskedFraction or total <= 0
-        return flux, err, bad, edge, sat_around
+            if intrp_bit:
+                artifact[k] = self._is_interpolation_artifact(flux[k], w, d, v, (m & intrp_bit) != 0)
+        return flux, err, bad, edge, sat_around, artifact
+
+    def _is_interpolation_artifact(
+        self, flux: float, weight: np.ndarray, image: np.ndarray, variance: np.ndarray, interpolated: np.ndarray
+    ) -> bool:
+        """Whether the PSF flux without the ``interpolated`` pixels contradicts ``flux`` (counts)."""
+        if not interpolated.any() or not np.isfinite(flux) or flux == 0:
+            return False
+        w = np.where(interpolated, 0.0, weight)
+        p2 = float((w * w).sum())
+        if p2 <= 0:
+            return False
+        kept = w != 0
+        flux_u = float((w[kept] * image[kept]).sum()) / p2
+        err_u = math.sqrt(float((w[kept] ** 2 * variance[kept]).sum())) / p2
+        cfg = self.config
+        if not err_u > 0 or abs(flux) / err_u < cfg.interpolationArtifactMinSnr:
+            return False
+        return flux_u / flux < cfg.interpolationArtifactMaxRatio
 
     def _aperture_fluxes(self, exposure: Exposure, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Circular-aperture sums (counts) of radius ``apertureRadius`` at local-frame positions.

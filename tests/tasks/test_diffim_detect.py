@@ -190,6 +190,42 @@ def test_sources_on_interpolated_pixels_are_removed() -> None:
     assert task.metadata["nRemoved"]["pixelFlags_interpolatedCenterAll"] == 1
 
 
+
+def test_interpolation_residuals_are_removed_and_sources_under_repairs_kept() -> None:
+    """interpolationArtifact: signal confined to repaired (INTRP) pixels is a residual, not a source.
+
+    A 3x13-pixel repaired track whose interpolated values are off by +-3 sigma together (row
+    interpolation between two noisy end pixels errs coherently) passes the 5-sigma matched filter;
+    a real source crossed by the same kind of track, or wholly under a large repaired area (where
+    the test cannot tell), is kept.
+    """
+    err = _point_source_sigma()
+    diff = _difference(xs=[100.0, 100.0], ys=[100.0, 300.0], fluxes=[8 * err, 15 * err], seed=11)
+    intrp = np.zeros(diff.shape, bool)
+    intrp[99:102, 94:107] = True  # a track across the centre of the source at (100, 100)
+    intrp[280:321, 80:121] = True  # a large repaired area holding the whole source at (100, 300)
+    for (y, x), offset in (((300, 300), 3.0), ((100, 400), -3.0)):
+        intrp[y - 1 : y + 2, x - 6 : x + 7] = True
+        diff.image[y - 1 : y + 2, x - 6 : x + 7] += offset * SKY_SIGMA
+    diff.set_mask("INTRP", intrp)
+
+    keep_cfg = DetectAndMeasureConfig()
+    keep_cfg.doRemoveBadSources = False
+    cat = DetectAndMeasureTask(config=keep_cfg).run(None, None, diff).diaSources
+    found = {(round(float(x) / 100), round(float(y) / 100)): row for x, y, row in zip(cat["x"], cat["y"], cat, strict=True)}
+    assert set(found) == {(1, 1), (1, 3), (3, 3), (4, 1)}
+    assert found[(3, 3)]["snr"] > 6 and found[(4, 1)]["snr"] > 6  # the residuals pass the threshold
+    assert found[(3, 3)]["interpolationArtifact"] and found[(4, 1)]["interpolationArtifact"]
+    assert not found[(1, 1)]["interpolationArtifact"] and not found[(1, 3)]["interpolationArtifact"]
+    assert all(found[k]["pixelFlags_interpolated"] for k in found)
+
+    task = DetectAndMeasureTask()
+    kept = task.run(None, None, diff).diaSources
+    assert sorted(round(float(y)) for y in kept["y"]) == [100, 300]
+    assert task.metadata["nRemoved"]["interpolationArtifact"] == 2
+    crossed = kept[np.argmin(kept["y"])]
+    assert abs(crossed["psfFlux"] / CALIB - 8 * err) < 3 * err
+
 def test_masks_and_score_image() -> None:
     err = _point_source_sigma()
     diff = _difference(xs=[100.0, 300.0], ys=[100.0, 300.0], fluxes=[20 * err, -20 * err], seed=4)
