@@ -42,7 +42,9 @@ For each pair three subtractions are scored with the same tools
 Quality numbers: ``difference / sqrt(variance)`` std on blank sky (target [0.98, 1.02]) and within
 2 FWHM of bright isolated non-variable stars (<= 1.03); kernel sum against the true photometric
 scale (within 1%); transient completeness at S/N >= 10 (>= 95%) and at S/N 5-10 (within 2 points
-of the true-kernel subtraction); false positives on blank sky (0) and overall (<= 2 per 4096^2);
+of the true-kernel subtraction); false positives on blank sky (0) and overall (<= 2 per 4096^2),
+beside the number detectAndMeasure finds in white Gaussian noise alone with the difference's
+variance, mask and PSF ("FP noise", mean of 4 realizations: the floor any subtraction has);
 median PSF-flux bias of recovered S/N >= 10 transients (within 2%).  Time and memory targets:
 <= 10 s wall and <= 2 GiB peak for subtraction plus detection of one 4096x4096 pair.
 
@@ -135,6 +137,9 @@ NEAR_STAR_MAX = 1.03
 KERNEL_SUM_TOLERANCE = 0.01
 COMPLETENESS_BRIGHT_MIN = 0.95
 COMPLETENESS_FAINT_POINTS = 2.0
+#: Fewest S/N 5-10 transients for a case's own completeness verdict: with fewer, one transient is
+#: more than the 2-point margin, and only the pooled number is judged.
+MIN_FAINT_TRANSIENTS = 100
 FALSE_POSITIVES_PER_4096 = 2.0
 FLUX_BIAS_MAX = 0.02
 GIB = 2.0**30
@@ -499,6 +504,26 @@ def score_simulated(pair: SimulatedPair, difference: Exposure, dia: Table, kerne
     }
 
 
+def noise_only_detections(difference: Exposure, realizations: int = 4, seed: int = 1) -> float:
+    """Mean number of DIA sources detectAndMeasure finds in white Gaussian noise alone.
+
+    The noise has the difference's variance plane, mask, PSF and size: it is the false-positive
+    count a perfect subtraction still gives at the detection threshold (a 5-sigma matched filter
+    over ~10^7 pixels expects a few noise peaks), the floor of "false positives on blank sky".
+    """
+    rng = np.random.default_rng(seed)
+    sigma = np.sqrt(np.maximum(np.nan_to_num(difference.variance), 0.0)).astype(np.float32)
+    counts = []
+    for _ in range(realizations):
+        noise = rng.standard_normal(difference.shape, dtype=np.float32) * sigma
+        exposure = Exposure(
+            noise, difference.mask, difference.variance, xy0=difference.xy0, psf=difference.psf,
+            photo_calib=difference.photo_calib, mask_planes=difference.mask_planes,
+        )
+        counts.append(len(DetectAndMeasureTask().run(None, None, exposure).diaSources))
+    return float(np.mean(counts))
+
+
 def simulate_case(case: Case) -> SimulatedPair:
     cfg = replace(get_preset("large"), detector_size=case.size, **case.overrides)
     return make_simulated_pair(cfg, detector=case.detector)
@@ -536,6 +561,7 @@ def run_simulated_case(case: Case, args: argparse.Namespace, workdir: Path, repe
     difference = read_exposure_fits(folder / "ours_difference.fits", require_wcs=False)
     dia = read_catalog_parquet(folder / "ours_diaSrc.parquet")
     out["ours"] = score_simulated(pair, difference, dia, first["kernel_sum"], first["convolved"])
+    out["ours"]["fp_noise"] = noise_only_detections(difference)
     for w in variants:
         print(f"[{case.name}] ours (fftWorkers={w}): {len(runs[w])} run(s), median wall "
               f"{np.median([r['wall_subtract'] + r['wall_detect'] for r in runs[w]]):.2f} s", flush=True)
@@ -617,6 +643,7 @@ QUALITY_COLUMNS = (
     ("FP blank", "fp_blank", "d"),
     ("FP all", "fp", "d"),
     ("FP/4096^2", "fp_4096", ".1f"),
+    ("FP noise", "fp_noise", ".2f"),
     ("flux bias", "flux_bias", "+.2%"),
     ("n DIA", "n_dia", "d"),
 )
@@ -634,7 +661,7 @@ def print_quality_table(results: list[dict[str, Any]]) -> None:
             q = r.get(key)
             if q is None:
                 continue
-            print(f"{r['case'].name:18s} {method:11s} " + " ".join(f"{fmt(q[k], spec):>13s}" for _, k, spec in QUALITY_COLUMNS))
+            print(f"{r['case'].name:18s} {method:11s} " + " ".join(f"{fmt(q.get(k), spec):>13s}" for _, k, spec in QUALITY_COLUMNS))
         if "ours" in r:
             q = r["ours"]
             print(f"{'':18s} {'':11s} transients expected: {q['n5']} at S/N 5-10, {q['n10']} at S/N >= 10; "
@@ -677,9 +704,12 @@ def print_targets(results: list[dict[str, Any]]) -> None:
              abs(q["kernel_sum_err"]) <= KERNEL_SUM_TOLERANCE),
             ("completeness S/N >= 10", f"{q['c10']:.1%} [{t['c10']:.1%}]", f">= {COMPLETENESS_BRIGHT_MIN:.0%}",
              q["c10"] >= COMPLETENESS_BRIGHT_MIN if math.isfinite(q["c10"]) else None),
-            ("completeness S/N 5-10", f"{q['c5']:.1%} [{t['c5']:.1%}]", f"true - {COMPLETENESS_FAINT_POINTS:g} pts",
-             (100 * (q["c5"] - t["c5"]) >= -COMPLETENESS_FAINT_POINTS) if math.isfinite(q["c5"]) else None),
+            ("completeness S/N 5-10", f"{q['c5']:.1%} [{t['c5']:.1%}]",
+             f"true - {COMPLETENESS_FAINT_POINTS:g} pts" if q["n5"] >= MIN_FAINT_TRANSIENTS else "pooled above",
+             (100 * (q["c5"] - t["c5"]) >= -COMPLETENESS_FAINT_POINTS)
+             if math.isfinite(q["c5"]) and q["n5"] >= MIN_FAINT_TRANSIENTS else None),
             ("false positives, blank sky", f"{q['fp_blank']} [{t['fp_blank']}]", "0", q["fp_blank"] == 0),
+            ("  white noise alone (mean of 4)", f"{q['fp_noise']:.2f}", "", None),
             ("false positives per 4096^2", f"{q['fp_4096']:.1f} [{t['fp_4096']:.1f}]", f"<= {FALSE_POSITIVES_PER_4096:g}",
              q["fp_4096"] <= FALSE_POSITIVES_PER_4096),
             ("PSF flux bias, S/N >= 10", f"{q['flux_bias']:+.2%} [{t['flux_bias']:+.2%}]", f"within {FLUX_BIAS_MAX:.0%}",
