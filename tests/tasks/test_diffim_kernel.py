@@ -108,7 +108,16 @@ def test_select_kernel_sources_returns_catalog_rows(varying_pair) -> None:
     assert 0 < len(selected) < len(varying_pair.sources)
     assert set(selected["id"]) <= set(varying_pair.sources["id"])
     snr = selected["psfFlux"] / selected["psfFluxErr"]
-    assert np.all(snr >= 10) and np.all(snr <= 500)
+    assert np.all(snr >= task.config.minSignalToNoise) and np.all(snr <= task.config.maxSignalToNoise)
+    all_snr = varying_pair.sources["psfFlux"] / varying_pair.sources["psfFluxErr"]
+    capped = MakeKernelConfig()
+    capped.maxSignalToNoise = 200.0
+    assert np.any(all_snr[np.isin(varying_pair.sources["id"], selected["id"])] > 200)
+    fewer = MakeKernelTask(config=capped).selectKernelSources(
+        varying_pair.template, varying_pair.science, varying_pair.sources
+    )
+    fewer_snr = fewer["psfFlux"] / fewer["psfFluxErr"]
+    assert 0 < len(fewer) < len(selected) and np.all(fewer_snr <= 200)
 
 
 def test_no_candidates_is_a_clear_error(varying_pair) -> None:
