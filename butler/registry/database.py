@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,10 @@ __all__ = [
     "insert_committed",
     "fetch_rows",
     "select_rows",
+    "has_json_aggregates",
+    "json_columns",
+    "json_count_and_values",
+    "select_json_columns",
 ]
 
 _BUSY_TIMEOUT_MS = 30_000
@@ -277,22 +282,62 @@ def select_rows(engine: Engine, statement: Any, parameters: dict[str, Any]) -> l
 
 
 def positional_on_sqlite(engine: Engine, statement: Any) -> bool:
-    """Whether :func:`select_rows_in_snapshot` can run ``statement`` (SQLite, positional parameters)."""
+    """Whether :func:`select_json_columns` can run ``statement`` (SQLite, positional parameters)."""
     return is_sqlite(engine) and _positional_select(statement, engine.dialect) is not None
 
 
-def select_rows_in_snapshot(engine: Engine, first: Any, then: Any) -> tuple[list[tuple], list[tuple] | None]:
-    """Rows of ``first``, then of the statement ``then(rows of first)`` (unless it is None), in one snapshot.
+def has_json_aggregates(engine: Engine) -> bool:
+    """Whether the engine is SQLite with the JSON functions (built in since SQLite 3.38 unless left out)."""
+    if not is_sqlite(engine):
+        return False
+    try:
+        with _driver_cursor(engine) as run:
+            run("SELECT json_group_array(json_array(1))").fetchall()
+    except sa.exc.OperationalError:
+        return False
+    return True
 
-    SQLite only, for statements of :func:`positional_on_sqlite`: both run on one pooled driver
-    connection inside ``BEGIN`` ... ``COMMIT``, so a commit between them is not seen by the second.
+
+def json_columns(columns: Sequence[Any], *, first: Sequence[Any] = ()) -> Any:
+    """One JSON array: ``first`` (JSON values), then ``json_group_array(column)`` of each column (SQLite).
+
+    For :func:`select_json_columns`.
     """
-    with _driver_cursor(engine, begin="BEGIN") as run:
-        sql, names, values = _positional_select(first, engine.dialect)
-        rows = run(sql, [values[name] for name in names]).fetchall()
-        second = then(rows)
-        more = None
-        if second is not None:
-            sql, names, values = _positional_select(second, engine.dialect)
-            more = run(sql, [values[name] for name in names]).fetchall()
-    return rows, more
+    return sa.func.json_array(*first, *(sa.func.json_group_array(column) for column in columns))
+
+
+def json_count_and_values(condition: Any, values: Sequence[Any]) -> Any:
+    """``[number of rows where condition holds, *values]`` as one JSON array (SQLite)."""
+    return sa.func.json_array(sa.func.count(sa.case((condition, 1))), *values)
+
+
+class _InexactValue(Exception):
+    """A REAL in a JSON array: SQLite writes it with 15 significant digits, not exactly."""
+
+
+def _reject_real(text: str) -> Any:
+    raise _InexactValue(text)
+
+
+#: Decodes SQLite's JSON arrays; integers and text come back exactly as the driver returns them.
+_JSON_DECODER = json.JSONDecoder(parse_float=_reject_real)
+_JSON_BLOB_ERROR = "JSON cannot hold BLOB values"
+
+
+def select_json_columns(engine: Engine, statement: Any) -> list[Any] | None:
+    """The one value of a SELECT of :func:`json_columns`, decoded: a list per column, after ``first``.
+
+    SQLite only, for statements of :func:`positional_on_sqlite`.  Returns None when a value
+    cannot come back exactly as the driver would return it: a REAL (written with 15
+    significant digits) or a BLOB (JSON cannot hold one); the caller then fetches rows.
+    """
+    try:
+        ((text,),) = select_rows(engine, statement, {})
+    except sa.exc.OperationalError as exc:
+        if _JSON_BLOB_ERROR in str(exc.orig):
+            return None
+        raise
+    try:
+        return _JSON_DECODER.decode(text)
+    except _InexactValue:
+        return None

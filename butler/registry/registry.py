@@ -11,9 +11,11 @@ from __future__ import annotations
 import fnmatch
 import json
 import logging
+import operator
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
@@ -33,14 +35,17 @@ from ..errors import (
 from ..refs import DatasetRef, DatasetType, data_id_key
 from .database import (
     fetch_rows,
+    has_json_aggregates,
     insert_committed,
     insert_many,
     insert_or_ignore,
+    json_columns,
+    json_count_and_values,
     make_engine,
     positional_on_sqlite,
     read_connection,
+    select_json_columns,
     select_rows,
-    select_rows_in_snapshot,
     write_transaction,
 )
 from .schema import COLLECTION_TYPES, SCHEMA_VERSION, RegistryTables, tables_for
@@ -55,7 +60,7 @@ _log = logging.getLogger(__name__)
 _TYPE_NAMES = {code: name for name, code in COLLECTION_TYPES.items()}
 
 
-#: Statements of :meth:`Registry.query_datasets` kept per registry (the cache is emptied when full).
+#: One-run plans of :meth:`Registry.query_datasets` kept per registry (the cache is emptied when full).
 _STATEMENT_CACHE_SIZE = 256
 
 
@@ -108,6 +113,58 @@ class CollectionInfo(tuple):
         return self[2]
 
 
+@dataclass(eq=False)
+class _OneRunPlan:
+    """How :meth:`Registry.query_datasets` fetches one statement key's datasets from one RUN collection.
+
+    Attributes
+    ----------
+    rows : sqlalchemy.Select
+        The varying dimension columns (those not in ``constants``), id and path, sorted (and
+        limited) in SQL.
+    constants : dict
+        Data ID values every row shares (the data ID's, and ``key = value`` terms of the where).
+    columns : sqlalchemy.Select or None
+        The same datasets as one JSON array (SQLite, no limit): when there are ``implied``
+        dimensions, first ``[how many datasets' implied values differ from one dataset's, *its
+        values]``; then one array per required dimension not in ``constants`` (in
+        ``full_closure`` order), the ids and the paths.  None when ``rows`` is to be used, also
+        after the columns did not suit the result once (see :meth:`Registry._refs_from_columns`).
+    implied : tuple of str
+        Implied dimensions not in ``constants``.
+    sort_order : tuple of int
+        Positions among those required arrays of the dataset type's dimensions, in its order
+        (the ORDER BY of ``rows``).
+    """
+
+    rows: Any
+    constants: dict[str, Any]
+    columns: Any = None
+    implied: tuple[str, ...] = ()
+    sort_order: tuple[int, ...] = ()
+
+
+def _in_data_id_order(columns: list[Any], keys: Sequence[int]) -> list[Any] | None:
+    """``columns`` (one list per column) with their rows sorted by the columns at ``keys``.
+
+    Returns None when Python cannot sort them as SQL's ORDER BY would.  Integers and text
+    compare in Python as SQLite sorts them (text by code point, as BINARY collation compares
+    UTF-8 bytes); values Python does not order (None, an integer with text) raise.  Rows
+    already in order (the usual case: SQLite walks an index in data ID order) are checked in
+    linear time by ``sorted``, a quarter of the time of comparing neighbours (measured).
+    """
+    key_columns = [columns[i] for i in keys]
+    values = key_columns[0] if len(key_columns) == 1 else list(zip(*key_columns))
+    try:
+        if values == sorted(values):
+            return columns
+        order = sorted(range(len(values)), key=values.__getitem__)
+    except TypeError:
+        return None
+    pick = operator.itemgetter(*order)  # two rows at least: it returns tuples
+    return [pick(column) for column in columns]
+
+
 class Registry:
     """A registry database.
 
@@ -128,7 +185,8 @@ class Registry:
         self._record_statements: dict[str, Any] = {}
         self._find_statements: dict[int, Any] = {}
         self._expansions: dict[tuple[str, ...], tuple] = {}
-        self._one_run_statements: dict[tuple, Any] = {}
+        self._one_run_statements: dict[tuple, _OneRunPlan] = {}
+        self._json_aggregates: bool | None = None  # the engine has SQLite's JSON functions; probed once
         self._where = WhereCompiler(self)
         self._dataset_dimensions = universe.sorted(universe.dimensions)
 
@@ -812,9 +870,9 @@ class Registry:
         one_run_key = None
         if len(colls) == 1 and run_ids:
             one_run_key = _statement_key(type_id, run_ids[0], where, bind, data_id, limit)
-            statement = self._one_run_statements.get(one_run_key) if one_run_key is not None else None
-            if statement is not None:
-                return self._one_run_refs(dt, statement, run_ids[0])
+            cached = self._one_run_statements.get(one_run_key) if one_run_key is not None else None
+            if cached is not None:
+                return self._one_run_refs(dt, cached, run_ids[0])
         d = self.tables.dataset
         dims = self.universe.full_closure(dt.dimensions)
         conditions = [d.c.dataset_type_id == type_id]
@@ -844,20 +902,27 @@ class Registry:
 
         if len(colls) == 1 and run_ids:
             in_run = d.c.run_id == run_ids[0]
-            order = [d.c[k] for k in dt.dimensions]
-
-            def rows_of(names: Iterable[str]) -> Any:
-                query = select(leading=[*(d.c[k] for k in names), d.c.id, d.c.path]).where(in_run).order_by(*order)
-                return query if limit is None else query.limit(limit)
-
-            full = rows_of(k for k in dims if k not in constants)
-            plan: tuple = (full, constants)
-            implied = tuple(k for k in dims if k not in constants and k not in dt.dimensions)
-            if implied:
-                distinct = select(leading=[d.c[k] for k in implied]).where(in_run).distinct().limit(2)
-                narrow = rows_of(k for k in dims if k not in constants and k not in implied)
-                if all(positional_on_sqlite(self.engine, q) for q in (full, distinct, narrow)):
-                    plan = (full, constants, implied, distinct, narrow)
+            varying = tuple(k for k in dims if k not in constants)
+            statement = select(leading=[*(d.c[k] for k in varying), d.c.id, d.c.path]).where(in_run)
+            statement = statement.order_by(*(d.c[k] for k in dt.dimensions))
+            plan = _OneRunPlan(statement if limit is None else statement.limit(limit), constants)
+            if limit is None and self._has_json_aggregates():
+                implied = tuple(k for k in varying if k not in dt.dimensions)
+                required = tuple(k for k in varying if k in dt.dimensions)
+                first: list[Any] = []
+                if implied:
+                    # The implied values of one dataset (any), and how many datasets differ from them.
+                    one = [
+                        select(leading=[d.c[k]]).where(in_run).limit(1).correlate(None).scalar_subquery()
+                        for k in implied
+                    ]
+                    differ = sa.or_(*(d.c[k].is_not(value) for k, value in zip(implied, one, strict=True)))
+                    first.append(json_count_and_values(differ, one))
+                arrays = json_columns([*(d.c[k] for k in required), d.c.id, d.c.path], first=first)
+                aggregate = select(leading=[arrays]).where(in_run)
+                if positional_on_sqlite(self.engine, aggregate):
+                    plan.columns, plan.implied = aggregate, implied
+                    plan.sort_order = tuple(required.index(k) for k in dt.dimensions if k in required)
             if one_run_key is not None:
                 if len(self._one_run_statements) >= _STATEMENT_CACHE_SIZE:
                     self._one_run_statements.clear()
@@ -913,42 +978,76 @@ class Registry:
             refs.append(make_ref(dt, data_id, run_names[run_id], row[0], row[1]))
         return refs
 
-    def _one_run_refs(self, dt: DatasetType, plan: tuple, run_id: int) -> list[DatasetRef]:
-        """:meth:`query_datasets` in one RUN collection: sorted and limited by SQLite, refs built in one pass.
+    def _has_json_aggregates(self) -> bool:
+        """Whether the engine is SQLite with its JSON functions (probed on first use)."""
+        if self._json_aggregates is None:
+            self._json_aggregates = has_json_aggregates(self.engine)
+        return self._json_aggregates
 
-        The rows hold the data ID values that vary (not ``constants``: the values fixed by the
-        data ID or by a ``key = value`` term of the where clause), then id and path; with the
-        sort in SQL this is ~3x faster than the general path for thousands of refs (measured).
-        Leaving out the constant columns took the where query of 1,900 refs at 40k datasets
-        from ~2.0 to ~1.5 ms in the driver (measured); SQLite's own share is ~0.2 ms, the rest
-        is the driver making Python values.  The statement is kept for the next identical
-        query: building and running it through SQLAlchemy was ~60% of a query returning 100
-        refs (measured).
+    def _one_run_refs(self, dt: DatasetType, plan: _OneRunPlan, run_id: int) -> list[DatasetRef]:
+        """:meth:`query_datasets` in one RUN collection: sorted and limited by SQL, refs built in one pass.
 
-        ``plan`` is ``(statement, constants)``, or, when implied dimensions (band,
-        physical_filter) vary: ``(statement, constants, implied, distinct, narrow)``.  Then
-        ``distinct`` (their distinct values, at most two rows) runs first; one combination makes
-        them constants too and ``narrow`` (without their columns) fetches the rows, in the same
-        snapshot.  For 1,900 refs of one filter: ~1.53 ms for the rows with both columns,
-        ~1.37 ms for both statements (measured).
+        The rows hold the data ID values that vary (not ``plan.constants``: the values fixed by
+        the data ID or by a ``key = value`` term of the where clause), then id and path; with
+        the sort in SQL this is ~3x faster than the general path for thousands of refs
+        (measured).  The plan is kept for the next identical query: building and running its
+        statement through SQLAlchemy was ~60% of a query returning 100 refs (measured).
+
+        On SQLite the datasets first come as ``plan.columns``, one JSON array of columns (see
+        :meth:`_refs_from_columns`), and the rows statement runs only when those do not suit.
         """
         dims = self.universe.full_closure(dt.dimensions)
         run = self._run_name(run_id)
-        if len(plan) == 2:
-            statement, constants = plan
-            return DatasetRef.many_from_columns(dt, dims, constants, select_rows(self.engine, statement, {}), run)
-        full, constants, implied, distinct, narrow = plan
-        combinations, rows = select_rows_in_snapshot(
-            self.engine, distinct, lambda found: full if len(found) > 1 else narrow if found else None
-        )
-        if not combinations:
-            return []
-        if len(combinations) > 1:
-            return DatasetRef.many_from_columns(dt, dims, constants, rows, run)
-        values = dict(zip(implied, combinations[0], strict=True))
-        # A value that is None is not in the data IDs: the dimension is left out of them.
-        dims = tuple(k for k in dims if values.get(k, "") is not None)
-        return DatasetRef.many_from_columns(dt, dims, {**constants, **values}, rows, run)
+        if plan.columns is not None:
+            refs = self._refs_from_columns(dt, dims, plan, run)
+            if refs is not None:
+                return refs
+            plan.columns = None  # the same statement would not suit next time either
+        rows = select_rows(self.engine, plan.rows, {})
+        width = 2 + sum(1 for k in dims if k not in plan.constants)
+        columns = list(zip(*rows)) if rows else [()] * width
+        return DatasetRef.many_from_columns(dt, dims, plan.constants, columns, run)
+
+    def _refs_from_columns(
+        self, dt: DatasetType, dims: tuple[str, ...], plan: _OneRunPlan, run: str
+    ) -> list[DatasetRef] | None:
+        """Refs from ``plan.columns``, or None when its result does not give them exactly.
+
+        One statement returns every dataset in one JSON array of columns: the driver makes one
+        value, not a row per dataset (its per-row work was most of the fetch).  The same scan
+        counts the datasets whose implied dimensions (band, physical_filter) differ from one
+        dataset's; none, and those values go into every data ID without a column each.  For
+        the 1,900 refs of ``visit > 100 AND detector = 5`` at 40k datasets, SQL and decoding
+        took ~1.0 ms where fetching rows took ~1.4 ms (``DISTINCT`` of the implied values,
+        then the rows without them, in one snapshot); counting the differing datasets cost
+        ~0.2 ms in SQLite where ``json_group_array(DISTINCT ...)`` of the implied values cost
+        ~0.3 ms (measured).
+
+        The aggregate has no ORDER BY: SQLite aggregates the datasets in the order its index
+        walks, usually data ID order (checked, not assumed); otherwise they are sorted here.
+        For all 40k datasets of the benchmark (walked detector by detector) the query took
+        ~0.11 s so, ~0.14 s with the rows statement sorted by SQLite (measured).
+
+        Not exact, hence None (the rows statement then runs): implied values that differ; a
+        REAL or BLOB value (see :func:`select_json_columns`); data ID values Python does not
+        sort as SQL does (see :func:`_in_data_id_order`).
+        """
+        columns = select_json_columns(self.engine, plan.columns)
+        if columns is None:
+            return None
+        constants = plan.constants
+        if plan.implied:
+            differ, *first = columns.pop(0)
+            if differ:
+                return None
+            values = dict(zip(plan.implied, first, strict=True))
+            # A value that is None is not in the data IDs: the dimension is left out of them.
+            dims = tuple(k for k in dims if values.get(k, "") is not None)
+            constants = {**constants, **values}
+        columns = _in_data_id_order(columns, plan.sort_order)
+        if columns is None:
+            return None
+        return DatasetRef.many_from_columns(dt, dims, constants, columns, run)
 
     def _equalities(self, clause: Any, table: sa.Table, dims: tuple[str, ...]) -> list[tuple[str, Any]]:
         """``(dimension, value)`` of the ``column = value`` terms ANDed at the top of a where clause.

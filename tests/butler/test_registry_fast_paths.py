@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -146,20 +147,9 @@ def test_importing_the_butler_class_leaves_sqlalchemy_for_the_first_repository(t
     assert proc.returncode == 0, proc.stderr
 
 
-def test_one_run_queries_equal_the_general_path(butler, monkeypatch):
-    """The one-run path (constant columns left out of the SELECT) returns what the general path does."""
+def _fill_info(butler) -> None:
+    """Dataset type ``info`` in ``run1`` (visit x detector; some stored without implied values)."""
     from butler.refs import DatasetRef
-    from butler.registry import registry as registry_module
-
-    combinations = []  # how many distinct implied-value combinations each two-statement query found
-    in_snapshot = registry_module.select_rows_in_snapshot
-
-    def counting(engine, first, then):
-        found, rows = in_snapshot(engine, first, then)
-        combinations.append(len(found))
-        return found, rows
-
-    monkeypatch.setattr(registry_module, "select_rows_in_snapshot", counting)
 
     from .conftest import INSTRUMENT, N_DETECTORS, N_VISITS
 
@@ -175,6 +165,41 @@ def test_one_run_queries_equal_the_general_path(butler, monkeypatch):
                 data_id = {k: data_id[k] for k in dt.dimensions}
             refs.append(DatasetRef(dt, data_id, "run1", path=f"p/{v}_{d}" if d % 2 else None))
     reg.insert_datasets(refs[::-1])
+
+
+def _assert_same_as_general_path(butler, **kwargs) -> list:
+    """The one-run query (run1) and the general one (run1 + an empty run) return the same refs."""
+    from butler.refs import DatasetRef
+
+    fast = butler.query_datasets("info", **kwargs)
+    general = butler.query_datasets("info", collections=["run1", "empty"], **kwargs)
+    assert fast == general, kwargs
+    assert [list(r.data_id.items()) for r in fast] == [list(r.data_id.items()) for r in general], kwargs
+    assert [(r.run, r.path, r.dataset_type) for r in fast] == [(r.run, r.path, r.dataset_type) for r in general]
+    assert all(type(r) is DatasetRef for r in fast)
+    for ref, other in zip(fast, general, strict=True):
+        assert [type(v) for v in ref.data_id.values()] == [type(v) for v in other.data_id.values()], kwargs
+        assert type(ref.path) is type(other.path) and type(ref.id) is type(other.id)
+    return fast
+
+
+def test_one_run_queries_equal_the_general_path(butler, monkeypatch):
+    """The one-run path (constant columns left out, JSON columns on SQLite) returns what the general path does."""
+    from butler.registry.registry import Registry
+
+    from .conftest import INSTRUMENT
+
+    outcomes = []  # per query through the JSON columns: refs, or None (the rows statement ran instead)
+    from_columns = Registry._refs_from_columns
+
+    def recording(self, *args):
+        refs = from_columns(self, *args)
+        outcomes.append(refs)
+        return refs
+
+    monkeypatch.setattr(Registry, "_refs_from_columns", recording)
+    _fill_info(butler)
+    reg = butler.registry
     queries = [
         {},
         {"instrument": INSTRUMENT},
@@ -200,39 +225,141 @@ def test_one_run_queries_equal_the_general_path(butler, monkeypatch):
     ]
     for kwargs in queries:
         for _ in range(2):  # built, then from the statement cache
-            fast = butler.query_datasets("info", **kwargs)
-            general = butler.query_datasets("info", collections=["run1", "empty"], **kwargs)
+            fast = _assert_same_as_general_path(butler, **kwargs)
             assert fast, kwargs
-            assert fast == general, kwargs
-            assert [list(r.data_id.items()) for r in fast] == [list(r.data_id.items()) for r in general], kwargs
-            assert [(r.run, r.path, r.dataset_type) for r in fast] == [(r.run, r.path, r.dataset_type) for r in general]
-            assert all(type(r) is DatasetRef for r in fast)
             for ref in fast:  # 2, not 2.0 or '2'
                 assert type(ref.data_id["visit"]) is int and type(ref.data_id["detector"]) is int
     assert butler.query_datasets("info", where="visit > 1000") == []
-    assert {0, 1, 2} <= set(combinations)
-    constants = [plan[1] for plan in reg._one_run_statements.values()]
+    assert any(refs for refs in outcomes) and None in outcomes  # both ways were taken
+    assert [] in outcomes  # no datasets at all, from the columns
+    constants = [plan.constants for plan in reg._one_run_statements.values()]
     assert {"instrument": INSTRUMENT, "detector": 2} in constants and {"detector": 2} in constants
     implied = [r for r in butler.query_datasets("info") if "band" in r.data_id]
     assert implied and all(r.data_id["physical_filter"] == r.data_id["band"] + "_sim" for r in implied)
     assert any("band" not in r.data_id for r in butler.query_datasets("info", where="detector = 0"))
 
 
-def test_select_rows_in_snapshot_does_not_see_a_commit_between_its_statements(registry):
-    from butler.registry.database import positional_on_sqlite, select_rows_in_snapshot
+def _plan_of(butler, where: str) -> Any:
+    """The cached one-run plan of the query with this where expression."""
+    plans = butler.registry._one_run_statements
+    (key,) = [k for k in plans if k[2] == where]
+    return plans[key]
 
+
+def test_one_run_queries_keep_the_json_columns_only_while_they_suit(butler):
+    """Implied values that differ: the rows statement runs, then and from then on."""
+    from .conftest import INSTRUMENT
+
+    _fill_info(butler)
+
+    def plan_of(**kwargs):
+        _assert_same_as_general_path(butler, **kwargs)
+        return _plan_of(butler, kwargs["where"])
+
+    # One detector, visits in order, one band (odd visits are r, and every row of detector 1 has it).
+    where = "physical_filter = 'r_sim' AND detector = 1"
+    assert plan_of(where=where, instrument=INSTRUMENT).columns is not None
+    assert plan_of(where=where, instrument=INSTRUMENT).columns is not None
+    assert {r.data_id["band"] for r in butler.query_datasets("info", where=where)} == {"r"}
+    # Two filters: the implied values differ, so the rows statement runs (and will next time).
+    assert plan_of(where="visit > 100 AND detector = 1").columns is None
+    assert plan_of(where="visit > 100 AND detector = 1").columns is None
+
+
+def test_one_run_queries_sort_the_json_columns_sqlite_did_not_walk_in_data_id_order(butler, monkeypatch):
+    from butler.registry import registry as registry_module
+
+    sorted_here = []
+    in_order = registry_module._in_data_id_order
+
+    def recording(columns, keys):
+        result = in_order(columns, keys)
+        sorted_here.append(result is not None and result is not columns)
+        return result
+
+    monkeypatch.setattr(registry_module, "_in_data_id_order", recording)
+    _fill_info(butler)
+    # SQLite walks its (dataset type, detector, visit, ...) index: detector by detector.
+    where = "physical_filter = 'r_sim' AND detector > 0"
+    refs = _assert_same_as_general_path(butler, where=where)
+    assert [(r.data_id["visit"], r.data_id["detector"]) for r in refs][:4] == [(101, 1), (101, 2), (101, 3), (103, 1)]
+    assert sorted_here == [True] and _plan_of(butler, where).columns is not None
+
+
+def test_json_columns_are_sorted_as_sql_sorts_or_not_at_all():
+    from butler.registry.registry import _in_data_id_order
+
+    columns = [[2, 1, 1], ["b", "b", "a"], ["x", "y", "z"]]
+    assert _in_data_id_order(columns, (0, 1)) == [(1, 1, 2), ("a", "b", "b"), ("z", "y", "x")]
+    assert _in_data_id_order(columns, (1, 0)) == [(1, 1, 2), ("a", "b", "b"), ("z", "y", "x")]
+    ordered = [[1, 2], ["\u00e9", "\U0001f600"]]  # code point order = UTF-8 byte order (SQLite's BINARY)
+    assert _in_data_id_order(ordered, (1,)) is ordered
+    assert _in_data_id_order([[2, "1"], ["x", "y"]], (0,)) is None  # SQLite puts integers before text
+    assert _in_data_id_order([[None, 1], ["x", "y"]], (0,)) is None
+    assert _in_data_id_order([[], [], []], (0, 1)) == [[], [], []]
+
+
+def test_one_run_queries_return_what_the_driver_returns_for_any_stored_value(butler, tmp_path):
+    """Values the JSON arrays cannot carry exactly (REAL, BLOB) and text of any kind."""
+    from .conftest import INSTRUMENT
+
+    _fill_info(butler)
+    db = sqlite3.connect(tmp_path / "repo" / "registry.sqlite3")
+    try:
+        with db:
+            db.execute("UPDATE dataset SET path = ? WHERE visit = 101 AND detector = 1", ('q/"\\,\n\u00e9\U0001f600',))
+            db.execute("UPDATE dataset SET path = '' WHERE visit = 101 AND detector = 3")
+        where = "visit = 101 AND detector > 0"
+        fast = _assert_same_as_general_path(butler, where=where, instrument=INSTRUMENT)
+        assert [r.path for r in fast] == ['q/"\\,\n\u00e9\U0001f600', None, ""]
+        assert _plan_of(butler, where).columns is not None  # the text came through JSON
+        with db:
+            db.execute("UPDATE dataset SET path = ? WHERE visit = 103 AND detector = 1", (b"\x00p",))
+        where = "visit = 103 AND detector = 1"
+        assert _assert_same_as_general_path(butler, where=where)[0].path == b"\x00p"
+        assert _plan_of(butler, where).columns is None
+        where = "physical_filter = 'g_sim' AND detector = 2"  # visits 100, 102, 104, all with their band
+        assert [r.data_id["visit"] for r in _assert_same_as_general_path(butler, where=where)] == [100, 102, 104]
+        assert _plan_of(butler, where).columns is not None
+        with db:
+            db.execute("UPDATE dataset SET visit = 104.5 WHERE visit = 104 AND detector = 2")
+        assert [r.data_id["visit"] for r in _assert_same_as_general_path(butler, where=where)] == [100, 102, 104.5]
+        assert _plan_of(butler, where).columns is None
+    finally:
+        db.close()
+
+
+def test_refs_are_frozen_and_pickle(butler):
+    import copy
+    import dataclasses
+    import pickle
+
+    _fill_info(butler)
+    refs = butler.query_datasets("info", where="detector = 1")
+    assert pickle.loads(pickle.dumps(refs)) == refs == copy.deepcopy(refs)
+    assert [r.path for r in pickle.loads(pickle.dumps(refs))] == [r.path for r in refs]
+    assert dataclasses.replace(refs[0], path="x").path == "x"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        refs[0].run = "other"
+
+
+def test_select_json_columns_decodes_exactly_or_not_at_all(registry):
+    from butler.registry.database import has_json_aggregates, json_columns, select_json_columns
+
+    assert has_json_aggregates(registry.engine)
     table = registry.tables.collection
-    insert_committed(registry.engine, table, ["name", "type"], [("a", 1)])
-    names = sa.select(table.c.name).order_by(table.c.name)
-    count = sa.select(sa.func.count()).select_from(table)
-    assert positional_on_sqlite(registry.engine, names) and positional_on_sqlite(registry.engine, count)
-
-    def write_then_count(rows):
-        insert_committed(registry.engine, table, ["name", "type"], [("b", 1)])  # another connection
-        return count
-
-    assert select_rows_in_snapshot(registry.engine, names, write_then_count) == ([("a",)], [(1,)])
-    assert select_rows_in_snapshot(registry.engine, names, lambda rows: None) == ([("a",), ("b",)], None)
-    with pytest.raises(sa.exc.OperationalError):
-        select_rows_in_snapshot(registry.engine, names, lambda rows: sa.select(sa.text("nope")))
+    names = ["a", 'b"\\\u00e9\n\t', "", "\U0001f600,x"]
+    rows = [(n, 2**40 + i, None) for i, n in enumerate(names)]
+    insert_committed(registry.engine, table, ["name", "type", "doc"], rows)
+    statement = sa.select(json_columns([table.c.name, table.c.type, table.c.doc]))
+    assert select_json_columns(registry.engine, statement) == [names, [2**40 + i for i in range(4)], [None] * 4]
+    # A REAL is written with 15 significant digits; JSON cannot hold a BLOB.
+    for column, value, before in (("type", 0.1 + 0.2, 2**40), ("doc", b"\x00", None)):
+        with registry.engine.begin() as conn:
+            conn.execute(table.update().where(table.c.name == "a").values({column: value}))
+        assert select_json_columns(registry.engine, statement) is None
+        with registry.engine.begin() as conn:
+            conn.execute(table.update().where(table.c.name == "a").values({column: before}))
+    empty = sa.select(json_columns([table.c.name], first=[sa.func.json_array(1, "a")])).where(table.c.name == "nope")
+    assert select_json_columns(registry.engine, empty) == [[1, "a"], []]
     assert registry.engine.pool.checkedout() == 0
