@@ -13,9 +13,7 @@ from tasks.diffim.flux_scale import kernel_source_flux_scale
 from tasks.diffim.subtract import ImageDifferenceConfig, ImageDifferenceTask
 from tasks.measure.photometry import psf_flux
 from tasks.psfmatch.testing import make_psf_matching_pair, render_stars
-
-SHAPE = (512, 512)
-SCALE = 1.2
+from tests.tasks.diffim_pairs import SCALE, SHAPE, TRANSIENT, science_sharper_pair
 
 
 def _star_field(seed: int, n: int = 60) -> tuple[np.ndarray, np.ndarray, np.ndarray, GaussianPsf]:
@@ -91,12 +89,8 @@ def test_convolved_template_kernel_sum_error_is_removed(apply: bool) -> None:
 
 
 def test_convolved_science_normalization_is_corrected() -> None:
-    pair = make_psf_matching_pair(
-        shape=SHAPE, n_stars=250, scale=SCALE, template_psf=GaussianPsf(2.0), science_psf=GaussianPsf(1.4),
-        template_depth=4.0, seed=12,
-    )
-    tx, ty, tflux = 256.3, 300.7, 2.0e4
-    pair.science.image += render_stars(SHAPE, pair.science.psf, [tx], [ty], [tflux]).astype(np.float32)
+    pair = science_sharper_pair()
+    tx, ty, tflux = TRANSIENT  # in the science image only (science counts)
     task = ImageDifferenceTask()
     _mis_scaled(task, 1.04)
     result = task.run(pair.template, pair.science, pair.sources)

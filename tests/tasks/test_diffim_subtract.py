@@ -11,16 +11,14 @@ from astropy.wcs import WCS
 
 from butler.exposure import Exposure
 from butler.geometry import Box
-from butler.psf import GaussianPsf, GridPsf
+from butler.psf import GridPsf
 from pipeline.errors import NoWorkFound
 from pipeline.testing import run_quantum_in_temp_repo
 from tasks.diffim.detect_measure import DetectAndMeasureTask, significance_image
 from tasks.diffim.errors import BandMismatchError, MissingPsfError, TemplateGeometryError
 from tasks.diffim.subtract import ImageDifferenceConfig, ImageDifferenceTask
-from tasks.psfmatch.testing import corner_grid_psf, make_psf_matching_pair, render_stars
-
-SHAPE = (512, 512)
-SCALE = 1.2
+from tasks.psfmatch.testing import corner_grid_psf, make_psf_matching_pair
+from tests.tasks.diffim_pairs import SCALE, SHAPE, TRANSIENT, science_sharper_pair
 
 
 def _blank_and_near(diff: Exposure, xs, ys, fwhm: float) -> tuple[float, float]:
@@ -92,13 +90,8 @@ def test_decorrelation_whitens_the_matched_filter() -> None:
 
 
 def test_science_sharper_convolves_the_science_image() -> None:
-    pair = make_psf_matching_pair(
-        shape=SHAPE, n_stars=250, scale=SCALE, template_psf=GaussianPsf(2.0), science_psf=GaussianPsf(1.4),
-        template_depth=4.0, seed=12,
-    )
-    # a transient in the science image only (science counts)
-    tx, ty, tflux = 256.3, 300.7, 2.0e4
-    pair.science.image += render_stars(SHAPE, pair.science.psf, [tx], [ty], [tflux]).astype(np.float32)
+    pair = science_sharper_pair()
+    tx, ty, tflux = TRANSIENT  # in the science image only (science counts)
     task = ImageDifferenceTask()
     result = task.run(pair.template, pair.science, pair.sources)
     assert task.metadata["convolvedImage"] == "science"
