@@ -115,7 +115,8 @@ from tasks.diffim import (  # noqa: E402
     ImageDifferenceConfig,
     ImageDifferenceTask,
 )
-from tasks.diffim.decorrelate import convolve_kernels, decorrelated_psf, trim_kernel  # noqa: E402
+from tasks.diffim.decorrelate import convolve_kernels, trim_kernel  # noqa: E402
+from tasks.diffim.difference_psf import convolved_psf  # noqa: E402
 from tasks.diffim.detect_measure import significance_image  # noqa: E402
 from tasks.diffim.make_kernel import psf_fwhm_over_box  # noqa: E402
 from tasks.diffim.testing import (  # noqa: E402
@@ -467,7 +468,7 @@ def sfft_difference_exposure(
         image[(mask & no_data) != 0] = np.nan
         variance[(mask & no_data) != 0] = np.nan
     bbox = science.bbox
-    psf = decorrelated_psf(unconv.psf, a, bbox)
+    psf = convolved_psf(unconv.psf, a, bbox)
     return Exposure(image, mask, variance, xy0=science.xy0, wcs=science.wcs, psf=psf, photo_calib=science.photo_calib,
                     visit_info=science.visit_info, band=science.band, mask_planes=planes)
 

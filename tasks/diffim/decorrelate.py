@@ -24,11 +24,8 @@ import math
 import numpy as np
 import scipy.fft
 
-from butler.geometry import Box
-from butler.psf import GridPsf, ImagePsf, Psf
-from butler.errors import PsfError
 
-__all__ = ["decorrelation_kernel", "convolve_kernels", "decorrelated_psf", "trim_kernel"]
+__all__ = ["decorrelation_kernel", "convolve_kernels", "trim_kernel"]
 
 _log = logging.getLogger(__name__)
 
@@ -109,68 +106,3 @@ def trim_kernel(kernel: np.ndarray, threshold: float = 1.0e-5, min_size: int = 3
     half = max(cy - rows[0], rows[-1] - cy, cx - cols[0], cols[-1] - cx, min_size // 2)
     half = min(half, cy, cx)
     return arr[cy - half : cy + half + 1, cx - half : cx + half + 1]
-
-
-def _normalized(img: np.ndarray) -> np.ndarray:
-    total = float(img.sum())
-    if not (math.isfinite(total) and total > 0):
-        raise PsfError(f"decorrelated PSF image has non-positive sum {total:g}")
-    return img / total
-
-
-def decorrelated_psf(psf: Psf, phi: np.ndarray, bbox: Box, grid: int = 7, max_size: int | None = None) -> Psf:
-    """The PSF ``psf (x) phi`` of a decorrelated difference image.
-
-    A :class:`~butler.psf.GridPsf` on the same nodes as ``psf`` when it is one, on a
-    ``grid x grid`` grid over ``bbox`` for other spatially varying models, or an
-    :class:`~butler.psf.ImagePsf` for constant ones (Gaussian, image).  Images are trimmed to where
-    they exceed 1e-5 of their peak (at most ``max_size`` pixels) and renormalized.
-    """
-    if isinstance(psf, GridPsf):
-        xs, ys = psf.nodes
-    elif type(psf).__name__ in ("GaussianPsf", "ImagePsf"):
-        cx, cy = bbox.center
-        img = trim_kernel(convolve_kernels(psf.image(cx, cy), phi))
-        return ImagePsf(_normalized(_crop(img, max_size)))
-    else:
-        xs = np.linspace(bbox.x0, bbox.x1 - 1, grid)
-        ys = np.linspace(bbox.y0, bbox.y1 - 1, grid)
-    images = []
-    for y in ys:
-        row = []
-        for x in xs:
-            try:
-                row.append(convolve_kernels(psf.image(float(x), float(y)), phi))
-            except PsfError:
-                row.append(None)
-        images.append(row)
-    filled = [img for row in images for img in row if img is not None]
-    if not filled:
-        raise PsfError(f"{type(psf).__name__} is defined nowhere on the grid over {bbox}")
-    size = max(max(img.shape) for img in filled)
-    fallback = filled[len(filled) // 2]
-    stack = np.zeros((len(ys), len(xs), size, size))
-    for j, row in enumerate(images):
-        for i, img in enumerate(row):
-            img = fallback if img is None else img
-            oy, ox = (size - img.shape[0]) // 2, (size - img.shape[1]) // 2
-            stack[j, i, oy : oy + img.shape[0], ox : ox + img.shape[1]] = img
-    # one common trim for every node
-    trimmed = trim_kernel(np.abs(stack).max(axis=(0, 1)))
-    half = trimmed.shape[0] // 2
-    if max_size is not None:
-        half = min(half, max_size // 2)
-    c = size // 2
-    stack = stack[:, :, c - half : c + half + 1, c - half : c + half + 1]
-    for j in range(stack.shape[0]):
-        for i in range(stack.shape[1]):
-            stack[j, i] = _normalized(stack[j, i])
-    return GridPsf(stack, xs, ys)
-
-
-def _crop(img: np.ndarray, max_size: int | None) -> np.ndarray:
-    if max_size is None or img.shape[0] <= max_size:
-        return img
-    half = max_size // 2
-    c = img.shape[0] // 2
-    return img[c - half : c + half + 1, c - half : c + half + 1]

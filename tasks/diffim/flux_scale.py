@@ -70,7 +70,7 @@ def kernel_source_flux_scale(
     Parameters
     ----------
     difference : Exposure
-        ``X - M`` before decorrelation, with the PSF of its unconvolved side and the mask of
+        ``X - M`` before decorrelation, with the PSF of its science side and the mask of
         both images.
     matched : Exposure
         The matched template ``M`` on the same pixels (its PSF is not used: the difference's is).

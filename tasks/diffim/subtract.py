@@ -20,8 +20,11 @@ After ``lsst.ip.diffim.AlardLuptonSubtractTask`` (and the older ``lsst.pipe.task
    rescaled with it, and with the science image convolved so is ``kappa``);
 4. optional decorrelation (:mod:`.decorrelate`, LSST's default) whitens the difference noise; the
    variance plane is then ``V_u (x) phi^2 + V_c (x) (phi (x) K)^2``;
-5. the difference carries the science WCS, calibration and visit info and the PSF of its
-   unconvolved side (``science.psf`` or ``template.psf``, convolved with ``phi`` when decorrelated);
+5. the difference carries the science WCS, calibration and visit info and the PSF its transients
+   have: ``science.psf`` with the template convolved, ``science.psf (x) K / sum(K)`` with the science
+   image convolved (:mod:`.difference_psf`; LSST uses the template's PSF model there, which biases
+   PSF fluxes wherever the model is not what the kernel turned the science PSF into), convolved
+   with ``phi`` when decorrelated;
    ``NO_DATA`` pixels are NaN.
 
 Kernel diagnostics (candidates used and rejected, kernel sums, condition numbers, the normalized
@@ -51,7 +54,8 @@ from pipeline.pipeline_task import PipelineTask, PipelineTaskConfig
 from pipeline.struct import Struct
 from tasks.psfmatch import SpatialKernel, convolve_exposure
 
-from .decorrelate import convolve_kernels, decorrelated_psf, decorrelation_kernel
+from .decorrelate import convolve_kernels, decorrelation_kernel
+from .difference_psf import convolved_psf
 from .errors import BandMismatchError, TemplateGeometryError, with_data_id
 from .flux_scale import kernel_source_flux_scale
 from .make_kernel import MakeKernelTask, psf_fwhm_over_box, require_psf
@@ -129,6 +133,12 @@ class ImageDifferenceConfig(PipelineTaskConfig, pipelineConnections=ImageDiffere
     )
     doScaleVariance: bool = Field(
         False, description="Rescale the difference variance so its blank-sky normalized residual std is 1"
+    )
+    doUseMatchedSciencePsf: bool = Field(
+        True,
+        description="With the science image convolved, give the difference the PSF its transients have, the science "
+        "PSF convolved with the normalized kernel (tasks.diffim.difference_psf); False gives it the template's PSF "
+        "model, as LSST does, which biases PSF fluxes wherever the kernel cannot turn one PSF into the other",
     )
     fftWorkers: int | None = Field(None, description="Threads for scipy.fft in the convolutions (None: scipy default)")
     convolutionCellSize: int = Field(512, description="Cell size of the FFT convolutions, pixels")
@@ -348,7 +358,7 @@ class ImageDifferenceTask(PipelineTask):
                 image, variance, mask, phi = self._decorrelate(
                     image, mask, planes, kernel, unconvolved=science, convolved=template, scale=1.0
                 )
-        psf = science.psf if phi is None else decorrelated_psf(science.psf, phi, science.bbox)
+        psf = science.psf if phi is None else convolved_psf(science.psf, phi, science.bbox)
         difference = self._makeDifference(image, mask, variance, planes, science, psf, kernel, "template", kappa)
         return Struct(
             difference=difference,
@@ -402,9 +412,10 @@ class ImageDifferenceTask(PipelineTask):
             )
             image = conv_science.image * inv - matched.image
             variance = conv_science.variance * inv2 + matched.variance
+        psf = self._matchedSciencePsf(science, template, kernel)
         if self.config.doScaleToKernelSources:
             with self.timer("fluxScale"):
-                c = self._fluxScale(image, mask, variance, planes, science, matched, kres.candidates, psf=template.psf)
+                c = self._fluxScale(image, mask, variance, planes, science, matched, kres.candidates, psf=psf)
             if c != 1.0:
                 # D = K (x) S / kappa - c (T - b) / kappa: the kernel K / c with its sum kappa / c
                 _rescale_matched(image, matched, c)
@@ -415,7 +426,7 @@ class ImageDifferenceTask(PipelineTask):
         matched_science = conv_science
         matched_science.image *= inv
         matched_science.variance *= inv2
-        matched_science.psf = template.psf
+        matched_science.psf = psf
         matched_science.metadata["DIFFIM_ROLE"] = "matchedScience"
         phi = None
         if self.config.doDecorrelation:
@@ -423,7 +434,7 @@ class ImageDifferenceTask(PipelineTask):
                 image, variance, mask, phi = self._decorrelate(
                     image, mask, planes, kernel, unconvolved=template, convolved=science, scale=1.0 / kappa
                 )
-        psf = template.psf if phi is None else decorrelated_psf(template.psf, phi, science.bbox)
+        psf = psf if phi is None else convolved_psf(psf, phi, science.bbox)
         difference = self._makeDifference(image, mask, variance, planes, science, psf, kernel, "science", kappa)
         return Struct(
             difference=difference,
@@ -436,6 +447,13 @@ class ImageDifferenceTask(PipelineTask):
             decorrelationKernel=phi,
             subtractRes=kres,
         )
+
+    def _matchedSciencePsf(self, science: Exposure, template: Exposure, kernel: SpatialKernel) -> Any:  # noqa: N802
+        """The PSF of the convolved science image: ``P_S (x) K / sum(K)``, or the template's (config)."""
+        if not self.config.doUseMatchedSciencePsf:
+            return template.psf
+        with self.timer("matchedSciencePsf"):
+            return convolved_psf(science.psf, kernel.kernel_image, science.bbox)
 
     def _fluxScale(  # noqa: N802
         self,

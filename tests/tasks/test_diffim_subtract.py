@@ -11,7 +11,7 @@ from astropy.wcs import WCS
 
 from butler.exposure import Exposure
 from butler.geometry import Box
-from butler.psf import GridPsf
+from butler.psf import GaussianPsf, GridPsf
 from pipeline.errors import NoWorkFound
 from pipeline.testing import run_quantum_in_temp_repo
 from tasks.diffim.detect_measure import DetectAndMeasureTask, significance_image
@@ -102,14 +102,44 @@ def test_science_sharper_convolves_the_science_image() -> None:
     blank, _ = _blank_and_near(diff, np.r_[pair.star_x, tx], np.r_[pair.star_y, ty], fwhm=4.7)
     _, near = _blank_and_near(diff, pair.star_x, pair.star_y, fwhm=4.7)
     assert 0.98 <= blank <= 1.02 and near <= 1.03
-    # the difference keeps the science image's flux units and the template's PSF, which the
-    # decorrelation sharpens (it undoes the kernel's smoothing of the dominant science noise)
+    # the difference keeps the science image's flux units and takes the convolved science image's
+    # PSF (close to the template's), which the decorrelation sharpens (it undoes the kernel's
+    # smoothing of the dominant science noise)
     assert pair.science.psf.fwhm(0, 0) < diff.psf.fwhm(256, 256) < pair.template.psf.fwhm(0, 0)
     cat = DetectAndMeasureTask().run(pair.science, result.matchedExposure, diff).diaSources
     k = int(np.argmin(np.hypot(cat["x"] - tx, cat["y"] - ty)))
     assert math.hypot(cat["x"][k] - tx, cat["y"][k] - ty) < 0.5
     assert cat["psfFlux"][k] == pytest.approx(tflux, rel=0.03)
     assert not cat["isNegative"][k]
+
+
+@pytest.mark.parametrize("matched_psf", [True, False])
+def test_convolved_science_transient_flux_does_not_depend_on_the_template_psf_model(matched_psf) -> None:
+    """The template's PSF model is 10% too wide: its stars have sigma 2.0 px, the model says 2.2.
+
+    The kernel is fit to the template's pixels, so transients on the difference have the profile
+    science PSF (x) kernel; measured with that PSF their flux is right.  The template's model would
+    overestimate a Gaussian's PSF flux by 2 * 2.2^2 / (2.2^2 + 2.0^2) - 1 = 9.5%.
+    """
+    pair = science_sharper_pair()
+    template = pair.template.copy()
+    template.psf = GaussianPsf(2.2)
+    tx, ty, tflux = TRANSIENT
+    cfg = ImageDifferenceConfig()
+    cfg.doUseMatchedSciencePsf = matched_psf
+    result = ImageDifferenceTask(config=cfg).run(template, pair.science, pair.sources)
+    assert result.convolvedImage == "science"
+    diff = result.subtractedExposure
+    cat = DetectAndMeasureTask().run(pair.science, result.matchedExposure, diff).diaSources
+    k = int(np.argmin(np.hypot(cat["x"] - tx, cat["y"] - ty)))
+    assert math.hypot(cat["x"][k] - tx, cat["y"][k] - ty) < 0.5
+    ratio = cat["psfFlux"][k] / tflux
+    if matched_psf:
+        assert ratio == pytest.approx(1.0, abs=0.03)
+        # the matched science PSF is the template's true one (sigma 2.0), not its model's
+        assert result.matchedScience.psf.fwhm(256, 256) == pytest.approx(2.0 * 2.3548, rel=0.03)
+    else:
+        assert ratio > 1.05
 
 
 def test_mode_override_and_warning(varying, caplog) -> None:

@@ -257,7 +257,9 @@ def test_survey_light_curves_of_variables_recover_their_amplitudes(survey) -> No
         slopes.append(slope)
         sigmas.append(math.sqrt(np.linalg.inv(normal)[0, 0]))
     slopes, sigmas = np.array(slopes), np.array(sigmas)
-    well_measured = sigmas < 1.0 / 30.0
+    # Each well-measured slope must be within 5% of 1: a 3-sigma test needs a slope error of 5%/3
+    # or less (with 1/30 the test was 1.5 sigma, and a faint variable at 0.90 +- 0.033 failed it).
+    well_measured = sigmas < 0.05 / 3
     assert well_measured.sum() >= 1
     assert np.all(np.abs(slopes[well_measured] - 1.0) < 0.05), slopes[well_measured]
     usable = sigmas < 0.15
