@@ -97,6 +97,9 @@ DIA_EXTRA_COLUMNS: dict[str, ColumnSpec] = {
     "pixelFlags_interpolatedCenterAll": ColumnSpec(
         "bool", None, "Every pixel within flagRadius of the centre is interpolated (INTRP): a repaired cosmic ray"
     ),
+    "midpointMjdTai": ColumnSpec(
+        "float64", "d", "MJD (TAI) of the exposure midpoint, from the difference image's visit info (NaN when unknown)"
+    ),
     "interpolationArtifact": ColumnSpec(
         "bool", None, "The PSF flux without the interpolated (INTRP) pixels contradicts the PSF flux: the signal "
         "lies in repaired pixels (a cosmic-ray or defect repair residual), not in a point source",
@@ -502,6 +505,7 @@ class DetectAndMeasureTask(PipelineTask):
         table["dipoleSeparation"][:] = np.array([r["sep"] for r in rows], dtype=np.float32)
         table["pixelFlags_saturatedAround"][:] = np.array([r["sat_around"] for r in rows], dtype=bool)
         table["interpolationArtifact"][:] = np.array([r["artifact"] for r in rows], dtype=bool)
+        table["midpointMjdTai"][:] = exposure.visit_info.mjd if exposure.visit_info is not None else np.nan
 
         # aperture fluxes
         ap, ap_err, ap_bad = self._aperture_fluxes(exposure, x, y)

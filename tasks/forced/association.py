@@ -39,8 +39,8 @@ Outputs
 ``diaObjectId``, ``visit``, ``detector``, ``midpointMjdTai``), the DIA-source half of the light
 curves.
 
-The epoch of each visit-detector is the ``visit_info.mjd`` of its difference image (one pixel of it
-is read: the diaSrc catalogs do not carry it).
+The epoch of each visit-detector is the diaSrc catalog's ``midpointMjdTai``; for catalogs written
+without it, the ``visit_info.mjd`` of the difference image (one pixel of it is read).
 """
 
 from __future__ import annotations
@@ -162,6 +162,14 @@ def add_visit_columns(catalog: Table, visit: int, detector: int, mjd: float) -> 
     return out
 
 
+def _catalog_epoch(catalog: Table) -> float | None:
+    """The ``midpointMjdTai`` a diaSrc catalog carries (one finite value), else None."""
+    if "midpointMjdTai" not in catalog.colnames:
+        return None
+    mjd = np.unique(np.asarray(catalog["midpointMjdTai"], dtype=float))
+    return float(mjd[0]) if mjd.size == 1 and math.isfinite(mjd[0]) else None
+
+
 def _visit_info(handle: Any, catalog: Table) -> VisitInfo | None:
     """The ``visit_info`` of a difference image, read with one pixel of it (at the catalog's most
     central source, which lies on the image); the whole image when that pixel is not on it."""
@@ -191,6 +199,10 @@ class AssociateDiaSourcesTask(PipelineTask):
             key = (int(ref.data_id["visit"]), int(ref.data_id["detector"]))
             catalog = butlerQC.get(ref)
             if len(catalog) == 0:
+                continue
+            mjd = _catalog_epoch(catalog)
+            if mjd is not None:
+                tables.append(add_visit_columns(catalog, key[0], key[1], mjd))
                 continue
             exposure_ref = handles.get(key)
             if exposure_ref is None:

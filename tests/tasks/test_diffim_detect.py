@@ -9,7 +9,7 @@ import pytest
 from astropy.wcs import WCS
 
 from butler.catalog import validate_source_catalog
-from butler.exposure import Exposure, PhotoCalib
+from butler.exposure import Exposure, PhotoCalib, VisitInfo
 from butler.psf import GaussianPsf
 from tasks.diffim.detect_measure import DIA_COLUMNS, DetectAndMeasureConfig, DetectAndMeasureTask, significance_image
 from tasks.diffim.errors import MissingPsfError
@@ -91,6 +91,16 @@ def test_positive_and_negative_sources_found_and_measured() -> None:
     assert np.all(~matched["isDipole"])
     ra, dec = diff.pixel_to_sky(matched["x"], matched["y"])
     assert np.allclose(matched["coord_ra"], ra) and np.allclose(matched["coord_dec"], dec)
+    # no visit info: the epoch is unknown
+    assert np.all(np.isnan(cat["midpointMjdTai"])) and cat["midpointMjdTai"].unit == "d"
+
+
+def test_sources_carry_the_epoch_of_the_difference() -> None:
+    diff = _difference(xs=[100.0, 300.0], ys=[200.0, 400.0], fluxes=[30 * _point_source_sigma()] * 2, seed=3)
+    diff.visit_info = VisitInfo(exposure_time=30.0, mjd=60123.25)
+    cat = DetectAndMeasureTask().run(None, None, diff).diaSources
+    assert len(cat) == 2
+    assert np.all(cat["midpointMjdTai"] == 60123.25)
 
 
 def test_detection_threshold_is_five_sigma_matched_filter() -> None:
