@@ -26,7 +26,7 @@ import math
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -53,7 +53,8 @@ from tasks.psfmatch import (
     make_candidate_list,
 )
 from tasks.psfmatch.chebyshev import ChebyshevBasis2D, chebyshev_1d
-from tasks.psfmatch.errors import PsfMatchConfigError, format_rejections
+from tasks.psfmatch.errors import PsfMatchConfigError, PsfMatchError, format_rejections
+from tasks.psfmatch.model_variation import KernelVariation, add_variation, model_kernel_variation, subtract_variation
 from tasks.psfmatch.solve import GOOD, solve_candidates
 from tasks.psfmatch.fit import fit_diagnostics
 from tasks.psfmatch.spatial import fit_spatial_kernel, local_parameters, remove_noise
@@ -259,6 +260,21 @@ class MakeKernelConfig(Config):
         True,
         description="When the spatial system is singular or ill-conditioned (too few, badly spread candidates), "
         "retry with lower spatial kernel orders down to 0 (logged) instead of failing",
+    )
+    usePsfModelVariation: bool = Field(
+        True,
+        description="Take the kernel's spatial variation from the two PSF models (the model-to-model matching "
+        "kernel on the same basis, minus its value at the centre; tasks.psfmatch.model_variation), remove it from "
+        "the candidates before the fit to stars and add it back after: the stars then only fit the kernel at the "
+        "centre and what the models miss.  Measured on the small preset's 1024x1024 pairs with a single-visit "
+        "template (tests/tasks/test_diffim_truth.py): see the README",
+    )
+    psfModelVariationOrder: int = Field(2, description="Chebyshev order of the PSF-model kernel variation")
+    psfModelVariationGrid: int = Field(5, description="Cells per axis where the PSF models are realized for it")
+    minPsfModelVariation: float = Field(
+        1.0e-3,
+        description="Ignore a PSF-model variation whose largest sum |dK| (centre, corners, edge midpoints) is "
+        "below this fraction of the kernel's sum |K|",
     )
     minKernelSources: int = Field(3, description="Fewest usable kernel candidates")
     maxKernelSources: int = Field(1000, description="Most kernel candidates (evenly spread, brightest per cell first)")
@@ -557,7 +573,13 @@ class MakeKernelTask(Task):
         if self.config.noiseBiasCorrection:
             cfg = cfg.replace(noise_bias_scale=self.measureNoiseBiasScale(template, min(basis.sigmas)))
         candidates = self.makeCandidateList(template, science, kernelSources, basis.kernel_size)
+        variation, scale = self._psfModelVariation(template, science, basis, candidates, max(fwhm_t, fwhm_s))
+        if variation is not None:
+            candidates = subtract_variation(candidates, variation, basis, scale)
         kernel, diag = self._fit(template, science, candidates, cfg, basis, fwhm_t, fwhm_s)
+        fitted_order = kernel.kernel_order
+        if variation is not None:
+            kernel = add_variation(kernel, variation, scale)
         if cfg.noise_bias_scale > 0:
             shared = self.measureSharedNoiseFraction(template, science, kernel)
             if shared > self.config.sharedNoiseThreshold:
@@ -568,8 +590,16 @@ class MakeKernelTask(Task):
                 )
                 cfg = cfg.replace(noise_bias_scale=cfg.noise_bias_scale * max(0.0, 1.0 - shared))
                 kernel, diag = self._fit(template, science, candidates, cfg, basis, fwhm_t, fwhm_s)
+                fitted_order = kernel.kernel_order
+                if variation is not None:
+                    kernel = add_variation(kernel, variation, scale)
+        if variation is not None:
+            diag.candidates = _restore_science_stamps(diag.candidates, variation, basis, scale)
         diag.fwhm_template, diag.fwhm_science = fwhm_t, fwhm_s
         self._record(kernel, diag, science.bbox)
+        # the order fitted to the stars; the kernel's own order includes the PSF models' variation
+        self.metadata["spatialKernelOrder"] = fitted_order
+        self.metadata["kernelOrder"] = kernel.kernel_order
         return Struct(
             psfMatchingKernel=kernel,
             backgroundModel=BackgroundModel(kernel),
@@ -577,6 +607,45 @@ class MakeKernelTask(Task):
             basis=basis,
             candidates=diag.candidates,
         )
+
+    def _psfModelVariation(  # noqa: N802
+        self,
+        template: Exposure,
+        science: Exposure,
+        basis: AlardLuptonBasis,
+        candidates: list[KernelCandidate],
+        radius: float,
+    ) -> tuple[KernelVariation | None, float]:
+        """The PSF models' kernel variation and the candidates' flux ratio (None, 1 when not used)."""
+        md = self.metadata
+        md["psfModelVariation"] = 0.0
+        if not self.config.usePsfModelVariation:
+            return None, 1.0
+        constant = ("GaussianPsf", "ImagePsf")
+        if type(template.psf).__name__ in constant and type(science.psf).__name__ in constant:
+            return None, 1.0
+        try:
+            variation = model_kernel_variation(
+                template.psf, science.psf, basis, science.bbox,
+                order=self.config.psfModelVariationOrder, grid=self.config.psfModelVariationGrid,
+            )
+        except (PsfError, PsfMatchError) as exc:
+            self.log.warning("no PSF-model kernel variation (%s); the stars alone set it", exc)
+            return None, 1.0
+        md["psfModelVariation"] = variation.amplitude
+        if variation.amplitude < self.config.minPsfModelVariation:
+            return None, 1.0
+        scale = _candidate_flux_ratio(candidates, radius)
+        if not (math.isfinite(scale) and scale > 0):
+            self.log.warning("no PSF-model kernel variation: the candidates' flux ratio is %g", scale)
+            return None, 1.0
+        md["psfModelVariationScale"] = scale
+        self.log.info(
+            "PSF models: the kernel changes by up to %.1f%% across the image (order %d); removed from the "
+            "candidates before the fit (flux ratio %.4f)",
+            100.0 * variation.amplitude, variation.order, scale,
+        )
+        return variation, scale
 
     def _fit(
         self,
@@ -680,6 +749,30 @@ class MakeKernelTask(Task):
 def candidate_summaries(candidates: Sequence[KernelCandidate]) -> list[dict[str, Any]]:
     """Plain-data summaries (no pixels) of kernel candidates, for metadata and plots."""
     return [c.summary() for c in candidates]
+
+
+def _candidate_flux_ratio(candidates: Sequence[KernelCandidate], radius: float) -> float:
+    """Inverse-variance weighted median of the candidates' science/template aperture flux ratios."""
+    if not candidates:
+        return float("nan")
+    fluxes = np.array([stamp_fluxes(c, radius) for c in candidates]).reshape(-1, 4)
+    f_t, e_t, f_s, e_s = fluxes.T
+    ok = (f_t > 0) & (e_t > 0) & (e_s > 0) & np.isfinite(f_s)
+    if not ok.any():
+        return float("nan")
+    ratio = f_s[ok] / f_t[ok]
+    err = np.hypot(e_s[ok] / f_t[ok], ratio * e_t[ok] / f_t[ok])
+    return weighted_median(ratio, 1.0 / err**2)
+
+
+def _restore_science_stamps(
+    candidates: Sequence[KernelCandidate], variation: KernelVariation, basis: AlardLuptonBasis, scale: float
+) -> list[KernelCandidate]:
+    """Candidates with the PSF-model variation added back to their science stamps (for diagnostics)."""
+    back = subtract_variation(candidates, variation, basis, -scale)
+    return [
+        replace(c, science=b.science) for c, b in zip(candidates, back, strict=True)
+    ]
 
 
 def weighted_median(values: np.ndarray, weights: np.ndarray) -> float:

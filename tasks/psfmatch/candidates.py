@@ -241,6 +241,8 @@ def model_psf_matching_candidates(
     bbox: Box,
     grid: tuple[int, int] | int,
     kernel_size: int,
+    *,
+    clamp_kernel_size: bool = True,
 ) -> tuple[list[KernelCandidate], int]:
     """Candidates from two PSF models realized at the centres of a grid of cells (ModelPsfMatchTask).
 
@@ -263,6 +265,10 @@ def model_psf_matching_candidates(
         Number of cells ``(nx, ny)`` (or one number for both).
     kernel_size : int
         Requested odd kernel size, pixels.
+    clamp_kernel_size : bool
+        Clamp the kernel size to :func:`max_model_kernel_size` (with a warning).  Without the clamp
+        the PSF images are zero-padded to twice the kernel size, which is exact for models with no
+        flux outside their images; the kernel's outer pixels are then constrained only by that.
 
     Returns
     -------
@@ -283,7 +289,9 @@ def model_psf_matching_candidates(
     psf_size = max(max(a.shape[0], a.shape[1], b.shape[0], b.shape[1]) for a, b in images)
     psf_size += 1 - psf_size % 2
     limit = max_model_kernel_size(psf_size)
-    if kernel_size > limit:
+    if not clamp_kernel_size:
+        psf_size = max(psf_size, 2 * kernel_size + 1)
+    elif kernel_size > limit:
         _log.warning(
             "kernel size %d px is too large for %d px PSF images (limit psfSize//2 = %d px); using %d px",
             kernel_size, psf_size, limit, limit,

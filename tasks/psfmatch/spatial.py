@@ -214,6 +214,11 @@ class SpatialKernel:
         basis = self._basis_spec if self._basis_spec is not None else self._images
         return SpatialKernel(basis, self._coeffs * float(factor), self._bg, self.bbox, self.kernel_order, self.background_order)
 
+    def with_coefficients(self, kernel_coefficients: ArrayLike, kernel_order: int) -> SpatialKernel:
+        """A copy on the same basis and background with other kernel coefficients (and spatial order)."""
+        basis = self._basis_spec if self._basis_spec is not None else self._images
+        return SpatialKernel(basis, kernel_coefficients, self._bg, self.bbox, kernel_order, self.background_order)
+
     def without_background(self) -> SpatialKernel:
         """A copy with no background term."""
         basis = self._basis_spec if self._basis_spec is not None else self._images

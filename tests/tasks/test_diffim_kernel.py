@@ -43,13 +43,26 @@ def test_kernel_matches_truth_with_varying_psf(varying_pair) -> None:
     assert width(511, 511) > width(0, 0) + 0.3
     md = task.metadata
     assert md["n_used"] >= 100 and md["kernelSumConsistent"]
-    # cross-validation keeps a varying kernel (order 1 or 2; the bilinear PSF grid's cross term is small)
-    assert md["kernelSize"] == kernel.kernel_size and md["spatialKernelOrder"] == kernel.kernel_order >= 1
+    # the PSF models' variation is order 2; the stars fit what is left, at the order cross-validation picks
+    assert md["kernelSize"] == kernel.kernel_size and md["kernelOrder"] == kernel.kernel_order == 2
+    assert md["psfModelVariation"] > 0.05 and md["spatialKernelOrder"] in (0, 1, 2)
     assert set(md["spatialOrderScores"]) == {"0", "1", "2"}
     assert md["fwhm_science"] > md["fwhm_template"]
     img = result.backgroundModel.image(Box(10, 20, 30, 40))
     assert img.shape == (40, 30) and img.dtype == np.float32
     assert np.allclose(img, kernel.background_image(Box(10, 20, 30, 40)), atol=1e-4)
+
+
+def test_cross_validation_keeps_a_varying_kernel_without_the_psf_models(varying_pair) -> None:
+    """From the stars alone (order 1 or 2; the bilinear PSF grid's cross term is small)."""
+    cfg = MakeKernelConfig()
+    cfg.usePsfModelVariation = False
+    task = MakeKernelTask(config=cfg)
+    kernel = task.run(varying_pair.template, varying_pair.science, varying_pair.sources).psfMatchingKernel
+    assert task.metadata["spatialKernelOrder"] == task.metadata["kernelOrder"] == kernel.kernel_order >= 1
+    assert task.metadata["psfModelVariation"] == 0.0
+    for x, y in [(0, 0), (511, 511)]:
+        assert kernel.kernel_sum(x, y) == pytest.approx(SCALE, rel=0.01)
 
 
 def test_cross_validation_lowers_the_order_of_a_constant_kernel() -> None:
@@ -134,8 +147,13 @@ def test_too_few_candidates_lower_the_spatial_order(varying_pair) -> None:
     few = varying_pair.sources[np.argsort(-varying_pair.sources["psfFlux"])][30:45]
     task = MakeKernelTask()
     result = task.run(varying_pair.template, varying_pair.science, few)
-    assert result.psfMatchingKernel.kernel_order < 2
     assert task.metadata["spatialKernelOrder"] < 2
+    # the kernel itself still varies as the PSF models say (order 2)
+    assert result.psfMatchingKernel.kernel_order == task.metadata["kernelOrder"] == 2
+    cfg = MakeKernelConfig()
+    cfg.usePsfModelVariation = False
+    result = MakeKernelTask(config=cfg).run(varying_pair.template, varying_pair.science, few)
+    assert result.psfMatchingKernel.kernel_order < 2
 
     cfg = MakeKernelConfig()
     cfg.allowSpatialOrderFallback = False

@@ -25,8 +25,7 @@ Cases (each a few visit-detectors, template depth 1 -- a single good-seeing temp
   image is the one convolved).
 
 The pairs are simulated, subtracted (fitted and true kernel) and measured once per case, on first
-use; tests then read the summaries.  Tests that fail because of a defect of the subtraction are
-marked ``xfail(strict=True)`` with the measured number.
+use; tests then read the summaries.
 """
 
 from __future__ import annotations
@@ -234,18 +233,6 @@ def _pooled(case: str) -> list[PairResult]:
     return _default_seeing() if case == "default seeing" else _case(case)
 
 
-def _xfail(reason: str) -> pytest.MarkDecorator:
-    return pytest.mark.xfail(strict=True, reason=reason)
-
-
-#: Why the kernel is wrong near bright stars (evidence in the xfail reasons below).
-_SHAPE = (
-    "the fitted kernel's shape is wrong at bright stars: with a single-visit template ~50 candidates of "
-    "S/N 10-2000 constrain the spatial variation of all 27 basis coefficients, and the kernel's second "
-    "moments there differ from the true kernel's by up to 2x"
-)
-
-
 # ---------------------------------------------------------------------------------- the yardstick
 def test_the_true_kernel_maps_the_template_psf_onto_the_science_psf() -> None:
     """template PSF (x) K / scale == science PSF (the simulator's analytic PSFs), and sum(K) == scale."""
@@ -295,17 +282,12 @@ def test_blank_sky_normalized_residual(case: str) -> None:
 @pytest.mark.parametrize(
     "case",
     [
-        pytest.param(
-            "preset", marks=_xfail(
-                f"std 1.044 over 33 stars (1.072 with kernel sources capped at S/N 500, 1.266 before the "
-                f"errors-in-variables correction), true kernel 0.996: {_SHAPE}"
-            )
-        ),
-        pytest.param("varying", marks=_xfail(
-            f"std 1.304 over 12 stars (1.338 with kernel sources capped at S/N 500, 2.185 before the "
-            f"errors-in-variables correction), true kernel 0.998: {_SHAPE}"
-        )),
-        "narrow",  # 1.006 over 25 stars (true kernel 1.010); 1.181 with kernel sources capped at S/N 500
+        # With the kernel's spatial variation from the PSF models (makeKernel.usePsfModelVariation):
+        # preset 1.001 over 33 stars (1.044 without; true kernel 0.996), varying 1.009 over 12 (1.304
+        # without; 0.998), narrow 1.009 over 25 (1.006 without; 1.010)
+        "preset",
+        "varying",
+        "narrow",
     ],
 )
 def test_near_bright_star_normalized_residual(case: str) -> None:
