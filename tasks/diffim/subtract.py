@@ -55,6 +55,7 @@ from pipeline.struct import Struct
 from tasks.psfmatch import SpatialKernel, convolve_exposure
 
 from .decorrelate import convolve_kernels, decorrelation_kernel
+from .cross_convolve import convolve_with_image, psf_image_at_centre, zogy_filters
 from .difference_psf import convolved_psf
 from .errors import BandMismatchError, TemplateGeometryError, with_data_id
 from .flux_scale import kernel_source_flux_scale
@@ -109,7 +110,11 @@ class ImageDifferenceConnections(
 class ImageDifferenceConfig(PipelineTaskConfig, pipelineConnections=ImageDifferenceConnections):
     """Configuration of :class:`ImageDifferenceTask`."""
 
-    mode: str = Field("auto", description="'auto', 'convolveTemplate' or 'convolveScience'")
+    mode: str = Field(
+        "auto",
+        description="'auto', 'convolveTemplate', 'convolveScience' or 'crossConvolve' (each image first convolved "
+        "with the other's PSF model, for PSFs that differ in shape: tasks.diffim.cross_convolve)",
+    )
     makeKernel = ConfigurableField(target=MakeKernelTask, doc="PSF-matching kernel fit")
     doDecorrelation: bool = Field(True, description="Whiten the difference noise (LSST's afterburner)")
     decorrelationKernelScale: float = Field(
@@ -148,8 +153,10 @@ class ImageDifferenceConfig(PipelineTaskConfig, pipelineConnections=ImageDiffere
 
     def validate(self) -> None:
         super().validate()
-        if self.mode not in ("auto", "convolveTemplate", "convolveScience"):
-            raise ValueError(f"mode must be 'auto', 'convolveTemplate' or 'convolveScience', not {self.mode!r}")
+        if self.mode not in ("auto", "convolveTemplate", "convolveScience", "crossConvolve"):
+            raise ValueError(
+                f"mode must be 'auto', 'convolveTemplate', 'convolveScience' or 'crossConvolve', not {self.mode!r}"
+            )
         if not 0.0 <= self.requiredTemplateFraction <= 1.0:
             raise ValueError(f"requiredTemplateFraction must be in [0, 1], got {self.requiredTemplateFraction}")
         if self.decorrelationKernelScale <= 0:
@@ -250,9 +257,12 @@ class ImageDifferenceTask(PipelineTask):
         template = self._prepareTemplate(template, science)
         fwhm_t = psf_fwhm_over_box(template.psf, science.bbox, self.makeKernel.config.fwhmExposureGrid)
         fwhm_s = psf_fwhm_over_box(science.psf, science.bbox, self.makeKernel.config.fwhmExposureGrid)
-        convolve_template = self._chooseConvolvedImage(fwhm_t, fwhm_s)
         with self.timer("subtract"):
-            if convolve_template:
+            if self.config.mode == "crossConvolve":
+                self.metadata["mode"] = "crossConvolve"
+                self.metadata["convolvedImage"] = "both"
+                result = self.runCrossConvolve(template, science, sources)
+            elif self._chooseConvolvedImage(fwhm_t, fwhm_s):
                 result = self.runConvolveTemplate(template, science, sources)
             else:
                 result = self.runConvolveScience(template, science, sources)
@@ -324,6 +334,85 @@ class ImageDifferenceTask(PipelineTask):
     # ------------------------------------------------------------------ the two directions
     def runConvolveTemplate(self, template: Exposure, science: Exposure, sources: Table) -> Struct:  # noqa: N802
         """Convolve the template: ``D = S - (T (x) K + b)``."""
+        return self._subtractConvolvedTemplate(template, science, sources)
+
+    def runCrossConvolve(self, template: Exposure, science: Exposure, sources: Table) -> Struct:  # noqa: N802
+        """Cross-convolve (:mod:`.cross_convolve`): the kernel ``K`` is fit between ``T (x) P_S`` and
+        ``S (x) P_T``; the difference is ``S (x) g_S - T (x) g_T - b`` with ZOGY's whitening filters
+        (``K``, ``P_S``, ``P_T`` at the image centre), or without ``doDecorrelation`` the plain
+        ``S (x) P_T - (T (x) P_S (x) K + b)``."""
+        p_t = psf_image_at_centre(template.psf, science.bbox)
+        p_s = psf_image_at_centre(science.psf, science.bbox)
+        opts = {"cell_size": self.config.convolutionCellSize, "workers": self.config.fftWorkers}
+        with self.timer("crossConvolve"):
+            science_x = convolve_with_image(science, p_t, **opts)
+            template_x = convolve_with_image(template, p_s, **opts)
+        science_x.psf = convolved_psf(science.psf, p_t, science.bbox)
+        template_x.psf = convolved_psf(template.psf, p_s, science.bbox)
+        if not self.config.doDecorrelation:
+            return self._subtractConvolvedTemplate(template_x, science_x, sources, convolved="both")
+        with self.timer("makeKernel"):
+            kres = self.makeKernel.run(template_x, science_x, sources)
+        del science_x, template_x
+        kernel: SpatialKernel = kres.psfMatchingKernel
+        cx, cy = science.bbox.center
+        bad = ("BAD", "SAT", "NO_DATA", "EDGE", "CR", "INTRP", "DETECTED")
+        var_s, var_t = _median_variance(science, bad), _median_variance(template, bad)
+        size = int(round(self.config.decorrelationKernelScale * max(kernel.kernel_size, p_s.shape[0], p_t.shape[0])))
+        size += 1 - size % 2
+        g_s, g_t = zogy_filters(p_s, p_t, kernel.kernel_image(cx, cy), var_s, var_t, size)
+        self.metadata["decorrelation"] = {
+            "varianceConvolved": var_t, "varianceUnconvolved": var_s, "kernelSize": size, "crossConvolution": True,
+        }
+        with self.timer("convolve"):
+            matched_science = convolve_with_image(science, g_s, **opts)
+            matched = convolve_with_image(template, g_t, **opts)
+        psf = convolved_psf(science.psf, g_s, science.bbox)
+        matched_science.psf = psf
+        matched.psf = psf
+        matched.photo_calib = science.photo_calib
+        matched.metadata["DIFFIM_ROLE"] = "matchedTemplate"
+        matched_science.metadata["DIFFIM_ROLE"] = "matchedScience"
+        with self.timer("difference"):
+            planes = merge_mask_planes(dict(matched_science.mask_planes), matched.mask_planes)
+            mask = remap_mask(matched_science.mask, matched_science.mask_planes, planes) | remap_mask(
+                matched.mask, matched.mask_planes, planes
+            )
+            background = kres.backgroundModel.image(science.bbox)
+            image = matched_science.image - matched.image
+            image -= background
+            variance = matched_science.variance + matched.variance
+        if self.config.doScaleToKernelSources:
+            with self.timer("fluxScale"):
+                c = self._fluxScale(image, mask, variance, planes, matched_science, matched, kres.candidates)
+            if c != 1.0:
+                _rescale_matched(image, matched, c)
+                variance = matched_science.variance + matched.variance
+                kernel = kernel.scaled(c)
+        matched.image += background
+        del background
+        difference = self._makeDifference(image, mask, variance, planes, science, psf, kernel, "both", 1.0)
+        return Struct(
+            difference=difference,
+            matchedTemplate=matched,
+            matchedScience=matched_science,
+            psfMatchingKernel=kernel,
+            backgroundModel=kres.backgroundModel,
+            kernelSources=_candidate_rows(sources, kres.candidates),
+            convolvedImage="both",
+            decorrelationKernel=None,
+            subtractRes=kres,
+        )
+
+    def _subtractConvolvedTemplate(  # noqa: N802
+        self,
+        template: Exposure,
+        science: Exposure,
+        sources: Table,
+        *,
+        convolved: str = "template",
+    ) -> Struct:
+        """``D = S - (T (x) K + b)``, decorrelated when configured; ``convolved`` names what was convolved."""
         with self.timer("makeKernel"):
             kres = self.makeKernel.run(template, science, sources)
         kernel: SpatialKernel = kres.psfMatchingKernel
@@ -359,7 +448,7 @@ class ImageDifferenceTask(PipelineTask):
                     image, mask, planes, kernel, unconvolved=science, convolved=template, scale=1.0
                 )
         psf = science.psf if phi is None else convolved_psf(science.psf, phi, science.bbox)
-        difference = self._makeDifference(image, mask, variance, planes, science, psf, kernel, "template", kappa)
+        difference = self._makeDifference(image, mask, variance, planes, science, psf, kernel, convolved, kappa)
         return Struct(
             difference=difference,
             matchedTemplate=matched,
@@ -367,7 +456,7 @@ class ImageDifferenceTask(PipelineTask):
             psfMatchingKernel=kernel,
             backgroundModel=kres.backgroundModel,
             kernelSources=_candidate_rows(sources, kres.candidates),
-            convolvedImage="template",
+            convolvedImage=convolved,
             decorrelationKernel=phi,
             subtractRes=kres,
         )
