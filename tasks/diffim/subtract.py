@@ -10,7 +10,10 @@ After ``lsst.ip.diffim.AlardLuptonSubtractTask`` (and the older ``lsst.pipe.task
    normally the template (``convolveTemplate``: ``D = S - (T (x) K + b)``), the science image when it
    is the sharper one (``convolveScience``: ``D = (S (x) K - (T - b)) / kappa`` with
    ``S (x) K + b ~= T``, so ``D`` stays in the science image's flux units, transients positive);
-   the choice is logged and recorded in the metadata (``convolvedImage``);
+   the choice is logged and recorded in the metadata (``convolvedImage``); mode ``crossConvolve``
+   convolves each image with the other's PSF model for the kernel fit and makes the difference
+   with ZOGY's whitening filters (:mod:`.cross_convolve`; ``convolvedImage`` ``"both"``), for PSFs
+   of different shapes;
 3. the kernel comes from :class:`~tasks.diffim.make_kernel.MakeKernelTask` (kernel candidates from
    the science ``src`` catalog) and is applied cell by cell with FFTs
    (:func:`tasks.psfmatch.convolve_exposure`): image, variance (``V (x) K^2``) and mask (bits
@@ -373,24 +376,7 @@ class ImageDifferenceTask(PipelineTask):
         matched.photo_calib = science.photo_calib
         matched.metadata["DIFFIM_ROLE"] = "matchedTemplate"
         matched_science.metadata["DIFFIM_ROLE"] = "matchedScience"
-        with self.timer("difference"):
-            planes = merge_mask_planes(dict(matched_science.mask_planes), matched.mask_planes)
-            mask = remap_mask(matched_science.mask, matched_science.mask_planes, planes) | remap_mask(
-                matched.mask, matched.mask_planes, planes
-            )
-            background = kres.backgroundModel.image(science.bbox)
-            image = matched_science.image - matched.image
-            image -= background
-            variance = matched_science.variance + matched.variance
-        if self.config.doScaleToKernelSources:
-            with self.timer("fluxScale"):
-                c = self._fluxScale(image, mask, variance, planes, matched_science, matched, kres.candidates)
-            if c != 1.0:
-                _rescale_matched(image, matched, c)
-                variance = matched_science.variance + matched.variance
-                kernel = kernel.scaled(c)
-        matched.image += background
-        del background
+        image, mask, variance, planes, kernel = self._subtractMatched(matched_science, matched, kres, kernel)
         difference = self._makeDifference(image, mask, variance, planes, science, psf, kernel, "both", 1.0)
         return Struct(
             difference=difference,
@@ -423,23 +409,7 @@ class ImageDifferenceTask(PipelineTask):
         matched.psf = science.psf
         matched.photo_calib = science.photo_calib
         matched.metadata["DIFFIM_ROLE"] = "matchedTemplate"
-        with self.timer("difference"):
-            planes = merge_mask_planes(dict(science.mask_planes), matched.mask_planes)
-            mask = science.mask | remap_mask(matched.mask, matched.mask_planes, planes)
-            background = kres.backgroundModel.image(science.bbox)
-            image = science.image - matched.image
-            image -= background
-            variance = science.variance + matched.variance
-        if self.config.doScaleToKernelSources:
-            with self.timer("fluxScale"):
-                c = self._fluxScale(image, mask, variance, planes, science, matched, kres.candidates)
-            if c != 1.0:
-                # only the convolved template is rescaled, not the differential background
-                _rescale_matched(image, matched, c)
-                variance = science.variance + matched.variance
-                kernel = kernel.scaled(c)
-        matched.image += background
-        del background
+        image, mask, variance, planes, kernel = self._subtractMatched(science, matched, kres, kernel)
         kappa = 1.0
         phi = None
         if self.config.doDecorrelation:
@@ -460,6 +430,34 @@ class ImageDifferenceTask(PipelineTask):
             decorrelationKernel=phi,
             subtractRes=kres,
         )
+
+    def _subtractMatched(  # noqa: N802
+        self, science: Exposure, matched: Exposure, kres: Struct, kernel: SpatialKernel
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, int], SpatialKernel]:
+        """``science - matched - b`` with the flux-scale correction of ``matched`` (not of ``b``).
+
+        Returns image, mask, variance, mask planes and the kernel rescaled with ``matched``;
+        ``matched`` gets the background added back and its rescaling.
+        """
+        with self.timer("difference"):
+            planes = merge_mask_planes(dict(science.mask_planes), matched.mask_planes)
+            mask = remap_mask(science.mask, science.mask_planes, planes) | remap_mask(
+                matched.mask, matched.mask_planes, planes
+            )
+            background = kres.backgroundModel.image(science.bbox)
+            image = science.image - matched.image
+            image -= background
+            variance = science.variance + matched.variance
+        if self.config.doScaleToKernelSources:
+            with self.timer("fluxScale"):
+                c = self._fluxScale(image, mask, variance, planes, science, matched, kres.candidates)
+            if c != 1.0:
+                # only the convolved template is rescaled, not the differential background
+                _rescale_matched(image, matched, c)
+                variance = science.variance + matched.variance
+                kernel = kernel.scaled(c)
+        matched.image += background
+        return image, mask, variance, planes, kernel
 
     def runConvolveScience(self, template: Exposure, science: Exposure, sources: Table) -> Struct:  # noqa: N802
         """Convolve the science image: ``D = (S (x) K - (T - b)) / kappa`` with ``S (x) K + b ~= T``."""
