@@ -76,6 +76,8 @@ def detect_sources(exposure: Exposure, threshold: float = 5.0) -> Table:
     cfg.detectNegative = False
     cfg.doMergeDipoles = False
     cfg.doRemoveBadSources = False
+    # on a direct image faint sources, not correlated noise, widen the blank-sky S/N distribution
+    cfg.doRescaleSignificance = False
     task = DetectAndMeasureTask(config=cfg)
     return task.run(None, None, exposure).diaSources
 

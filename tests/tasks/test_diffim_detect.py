@@ -283,3 +283,59 @@ def test_config_validation() -> None:
     err = _point_source_sigma()
     with pytest.raises(ValueError, match="pixelFlags_nonsense"):
         DetectAndMeasureTask(config=cfg).run(None, None, _difference(xs=[50.0], ys=[50.0], fluxes=[30 * err]))
+
+
+def _correlated_difference(seed: int, variance_factor: float = 1.0, xs=(), ys=(), fluxes=()) -> Exposure:
+    """Noise smoothed by a sigma-1 px Gaussian (as resampling or a convolved coadd leaves it), with the
+    right per-pixel variance times ``variance_factor`` in the variance plane."""
+    from scipy.ndimage import gaussian_filter
+
+    shape = (512, 512)
+    rng = np.random.default_rng(seed)
+    noise = gaussian_filter(rng.normal(size=shape), 1.0)
+    noise *= SKY_SIGMA / noise.std()
+    psf = GaussianPsf(SIGMA_PSF)
+    signal = render_stars(shape, psf, np.asarray(xs, float), np.asarray(ys, float), np.asarray(fluxes, float))
+    var = np.full(shape, variance_factor * SKY_SIGMA**2)
+    return Exposure(noise + signal, None, var, wcs=_wcs(shape), psf=psf, photo_calib=PhotoCalib(CALIB), band="r")
+
+
+def test_correlated_noise_rescales_the_significance() -> None:
+    """Correlated noise: the variance plane is right per pixel but not for the matched filter."""
+    diff = _correlated_difference(seed=4, xs=[150.0, 350.0], ys=[200.0, 300.0], fluxes=[3000.0, 3000.0])
+    task = DetectAndMeasureTask()
+    cat = task.run(None, None, diff).diaSources
+    scale = task.metadata["snrStdBlankSky"]
+    assert scale > 1.5 and task.metadata["significanceScale"] == scale
+    cfg = DetectAndMeasureConfig()
+    cfg.doRescaleSignificance = False
+    plain = DetectAndMeasureTask(config=cfg)
+    raw = plain.run(None, None, diff).diaSources
+    assert plain.metadata["significanceScale"] == 1.0
+    # at a nominal 5 sigma the unscaled S/N finds noise peaks (effectively ~5/scale sigma); rescaled, the
+    # two sources and at most a stray peak
+    assert len(raw) > 20
+    assert 2 <= len(cat) <= 3
+    compared = 0
+    for x, y in [(150.0, 200.0), (350.0, 300.0)]:
+        k = int(np.argmin(np.hypot(cat["x"] - x, cat["y"] - y)))
+        assert math.hypot(cat["x"][k] - x, cat["y"][k] - y) < 0.5 and not cat["isDipole"][k]
+        assert cat["psfFlux"][k] == pytest.approx(3000.0 * CALIB, rel=0.15)
+        j = int(np.argmin(np.hypot(raw["x"] - x, raw["y"] - y)))
+        if raw["isDipole"][j]:  # merged with a noise peak of the unscaled detection
+            continue
+        assert cat["psfFlux"][k] == pytest.approx(raw["psfFlux"][j])
+        assert cat["psfFluxErr"][k] == pytest.approx(scale * raw["psfFluxErr"][j])
+        assert cat["snr"][k] == pytest.approx(raw["snr"][j] / scale, rel=1e-4)
+        compared += 1
+    assert compared >= 1
+
+
+def test_an_overestimated_variance_is_not_rescaled_down() -> None:
+    """A blank-sky S/N std below 1 keeps the variance plane's (conservative) significance."""
+    diff = _difference(seed=2)
+    diff.variance[:] *= 2.0
+    task = DetectAndMeasureTask()
+    task.run(None, None, diff)
+    assert task.metadata["snrStdBlankSky"] == pytest.approx(1 / math.sqrt(2), rel=0.05)
+    assert task.metadata["significanceScale"] == 1.0
