@@ -16,7 +16,6 @@ learn the rest (the kernel at the centre, the photometric scale ``scale``, what 
 from __future__ import annotations
 
 import dataclasses
-import logging
 from collections.abc import Sequence
 
 import numpy as np
@@ -34,8 +33,6 @@ from .solve import KernelCandidate
 from .spatial import SpatialKernel
 
 __all__ = ["KernelVariation", "model_kernel_variation", "subtract_variation", "add_variation"]
-
-_log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
