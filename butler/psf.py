@@ -153,6 +153,8 @@ class Psf(abc.ABC):
     """
 
     type_name: ClassVar[str]
+    #: The model is the same everywhere (its image does not depend on the position).
+    is_constant: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -263,6 +265,8 @@ class GaussianPsf(Psf):
         Position angle of the major axis from +x towards +y, degrees.
     """
 
+    is_constant = True
+
     def __init__(
         self, sigma: float, size: int | None = None, axis_ratio: float = 1.0, theta_deg: float = 0.0
     ) -> None:
@@ -316,6 +320,8 @@ class GaussianPsf(Psf):
 
 class ImagePsf(Psf):
     """A constant PSF given as one kernel image (odd-sized, finite, summing to 1)."""
+
+    is_constant = True
 
     def __init__(self, image: np.ndarray) -> None:
         self._image = _readonly(_validate_kernel(image, "ImagePsf"))

@@ -28,7 +28,7 @@ from butler.geometry import Box
 from butler.psf import Psf
 from tasks.psfmatch import SpatialKernel, convolve_exposure
 
-from .decorrelate import trim_kernel
+from .decorrelate import centred_image, centred_transform, trim_kernel
 
 __all__ = ["psf_image_at_centre", "convolve_with_image", "zogy_filters"]
 
@@ -59,19 +59,6 @@ def convolve_with_image(
     return convolve_exposure(
         exposure, kern, cell_size=cell_size, workers=workers, support_threshold=support_threshold
     )
-
-
-def _centred_transform(kernel: np.ndarray, n: int) -> np.ndarray:
-    """The 2-D FFT of an odd kernel placed with its centre on pixel (0, 0) of an ``n x n`` grid."""
-    padded = np.zeros((n, n))
-    padded[: kernel.shape[0], : kernel.shape[1]] = kernel
-    return scipy.fft.fft2(np.roll(padded, (-(kernel.shape[0] // 2), -(kernel.shape[1] // 2)), axis=(0, 1)))
-
-
-def _centred_image(transform: np.ndarray, size: int) -> np.ndarray:
-    n = transform.shape[0]
-    full = np.real(scipy.fft.ifft2(transform))
-    return np.roll(full, (size // 2, size // 2), axis=(0, 1))[:size, :size] if size < n else full
 
 
 def zogy_filters(
@@ -110,15 +97,15 @@ def zogy_filters(
         raise ValueError(f"cannot whiten with variances {s_s:g} (science) and {s_t:g} (template)")
     largest = max(size, psf_science.shape[0] + k.shape[0], psf_template.shape[0])
     n = scipy.fft.next_fast_len(2 * largest + 1)
-    p_s = _centred_transform(np.asarray(psf_science, dtype=np.float64), n)
-    p_t = _centred_transform(np.asarray(psf_template, dtype=np.float64), n)
-    p_sk = p_s * _centred_transform(k, n)
+    p_s = centred_transform(psf_science, n)
+    p_t = centred_transform(psf_template, n)
+    p_sk = p_s * centred_transform(k, n)
     denominator = np.sqrt(s_s * np.abs(p_t) ** 2 + s_t * np.abs(p_sk) ** 2)
     # where both PSFs vanish to rounding the filters do too
     tiny = denominator <= 1e-12 * denominator.max()
     norm = np.sqrt(s_s + kappa**2 * s_t)
     g_s = np.where(tiny, 0.0, p_t * norm / np.where(tiny, 1.0, denominator))
     g_t = np.where(tiny, 0.0, p_sk * norm / np.where(tiny, 1.0, denominator))
-    out_s = _centred_image(g_s, size)
-    out_t = _centred_image(g_t, size)
+    out_s = centred_image(g_s, size)
+    out_t = centred_image(g_t, size)
     return out_s / out_s.sum(), out_t * (kappa / out_t.sum())

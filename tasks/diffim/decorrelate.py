@@ -24,8 +24,7 @@ import math
 import numpy as np
 import scipy.fft
 
-
-__all__ = ["decorrelation_kernel", "convolve_kernels", "trim_kernel"]
+__all__ = ["decorrelation_kernel", "convolve_kernels", "trim_kernel", "centred_transform", "centred_image"]
 
 _log = logging.getLogger(__name__)
 
@@ -66,17 +65,27 @@ def decorrelation_kernel(
         out[size // 2, size // 2] = 1.0
         return out
     n = scipy.fft.next_fast_len(2 * max(size, k.shape[0]) + 1)
-    padded = np.zeros((n, n))
-    hy, hx = k.shape[0] // 2, k.shape[1] // 2
-    # Centre the kernel on pixel (0, 0) with wrap-around, so its transform has no phase ramp.
-    padded[: k.shape[0], : k.shape[1]] = k
-    padded = np.roll(padded, (-hy, -hx), axis=(0, 1))
-    power = np.abs(scipy.fft.fft2(padded)) ** 2
+    power = np.abs(centred_transform(k, n)) ** 2
     phi_hat = np.sqrt((s_u + kappa**2 * s_c) / (s_u + s_c * power))
-    phi = np.real(scipy.fft.ifft2(phi_hat))
-    phi = np.roll(phi, (size // 2, size // 2), axis=(0, 1))[:size, :size]
+    phi = centred_image(phi_hat, size)
     total = phi.sum()
     return phi / total
+
+
+def centred_transform(kernel: np.ndarray, n: int) -> np.ndarray:
+    """The 2-D FFT of an odd kernel placed with its centre on pixel (0, 0) of an ``n x n`` grid
+    (with wrap-around, so the transform of a symmetric kernel has no phase ramp)."""
+    k = np.asarray(kernel, dtype=np.float64)
+    padded = np.zeros((n, n))
+    padded[: k.shape[0], : k.shape[1]] = k
+    return scipy.fft.fft2(np.roll(padded, (-(k.shape[0] // 2), -(k.shape[1] // 2)), axis=(0, 1)))
+
+
+def centred_image(transform: np.ndarray, size: int) -> np.ndarray:
+    """The real ``size x size`` (odd, at most the grid's size) kernel centred on the central pixel whose
+    transform on a centred grid (:func:`centred_transform`) is ``transform``."""
+    full = np.real(scipy.fft.ifft2(transform))
+    return np.roll(full, (size // 2, size // 2), axis=(0, 1))[:size, :size]
 
 
 def convolve_kernels(a: np.ndarray, b: np.ndarray) -> np.ndarray:

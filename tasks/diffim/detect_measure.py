@@ -145,18 +145,20 @@ class DetectAndMeasureConfig(PipelineTaskConfig, pipelineConnections=DetectAndMe
     detectionThreshold: float = Field(5.0, description="Detection threshold on the matched-filter S/N, sigma")
     doRescaleSignificance: bool = Field(
         True,
-        description="Divide the S/N image (and scale psfFluxErr) by its robust blank-sky std when that is off 1 by "
+        description="Divide the S/N image (and scale psfFluxErr) by its robust blank-sky std when that exceeds 1 by "
         "more than significanceRescaleTolerance: the variance plane predicts the matched filter's noise only "
-        "for white noise.  Measured on the demo survey: 1.07-1.09 on visits whose coadd template (correlated "
-        "noise) is convolved, 0.74-0.85 on visits that share noise with their template; drizzled NIRCam 1.7",
+        "for white noise.  A std below 1 is left alone (detection stays conservative).  Measured on the demo "
+        "survey: 1.07-1.09 on visits whose coadd template (correlated noise) is convolved; drizzled NIRCam 1.7; "
+        "on the demo's visits that share noise with their template it is 0.74-0.85, and scaling the S/N up there "
+        "brought up static-star residuals",
     )
     significanceRescaleTolerance: float = Field(
-        0.03, description="Rescale the S/N image only when its blank-sky std is off 1 by more than this"
+        0.03, description="Rescale the S/N image only when its blank-sky std exceeds 1 by more than this"
     )
     maxSignificanceRescale: float = Field(
         3.0,
-        description="Rescale only when the blank-sky S/N std is within [1/this, this] (a noiseless or nearly "
-        "empty image has no usable blank sky; a std far off 1 means a wrong variance plane, reported, not hidden)",
+        description="Rescale only when the blank-sky S/N std is at most this (a std far above 1 means a wrong "
+        "variance plane: reported in snrStdBlankSky, not hidden)",
     )
     detectNegative: bool = Field(True, description="Also detect negative sources")
     peakRadiusFwhm: float = Field(

@@ -74,7 +74,7 @@ def convolved_psf(psf: Psf, kernel: KernelLike, bbox: Box, grid: int = 7, max_si
     varying_kernel = callable(kernel)
     if isinstance(psf, GridPsf):
         xs, ys = psf.nodes
-    elif type(psf).__name__ in ("GaussianPsf", "ImagePsf") and not varying_kernel:
+    elif psf.is_constant and not varying_kernel:
         cx, cy = bbox.center
         img = trim_kernel(convolve_kernels(psf.image(cx, cy), kernel))
         return ImagePsf(_normalized(_crop(img, max_size)))

@@ -574,12 +574,15 @@ class MakeKernelTask(Task):
             cfg = cfg.replace(noise_bias_scale=self.measureNoiseBiasScale(template, min(basis.sigmas)))
         candidates = self.makeCandidateList(template, science, kernelSources, basis.kernel_size)
         variation, scale = self._psfModelVariation(template, science, basis, candidates, max(fwhm_t, fwhm_s))
-        if variation is not None:
-            candidates = subtract_variation(candidates, variation, basis, scale)
-        kernel, diag = self._fit(template, science, candidates, cfg, basis, fwhm_t, fwhm_s)
-        fitted_order = kernel.kernel_order
-        if variation is not None:
-            kernel = add_variation(kernel, variation, scale)
+        fit_candidates = candidates if variation is None else subtract_variation(candidates, variation, basis, scale)
+
+        def fit(config: PsfMatchConfig) -> tuple[SpatialKernel, KernelFitDiagnostics, int]:
+            """The fit to the stars, then the PSF models' variation added back; and the stars' order."""
+            fitted, diagnostics = self._fit(template, science, fit_candidates, config, basis, fwhm_t, fwhm_s)
+            order = fitted.kernel_order
+            return (fitted if variation is None else add_variation(fitted, variation, scale)), diagnostics, order
+
+        kernel, diag, fitted_order = fit(cfg)
         if cfg.noise_bias_scale > 0:
             shared = self.measureSharedNoiseFraction(template, science, kernel)
             if shared > self.config.sharedNoiseThreshold:
@@ -589,12 +592,11 @@ class MakeKernelTask(Task):
                     100.0 * shared, 1.0 - shared,
                 )
                 cfg = cfg.replace(noise_bias_scale=cfg.noise_bias_scale * max(0.0, 1.0 - shared))
-                kernel, diag = self._fit(template, science, candidates, cfg, basis, fwhm_t, fwhm_s)
-                fitted_order = kernel.kernel_order
-                if variation is not None:
-                    kernel = add_variation(kernel, variation, scale)
+                kernel, diag, fitted_order = fit(cfg)
         if variation is not None:
-            diag.candidates = _restore_science_stamps(diag.candidates, variation, basis, scale)
+            # the candidates as returned carry the original science stamps (for diagnostics)
+            original = {(c.x, c.y): c.science for c in candidates}
+            diag.candidates = [replace(c, science=original[(c.x, c.y)]) for c in diag.candidates]
         diag.fwhm_template, diag.fwhm_science = fwhm_t, fwhm_s
         self._record(kernel, diag, science.bbox)
         # the order fitted to the stars; the kernel's own order includes the PSF models' variation
@@ -621,8 +623,7 @@ class MakeKernelTask(Task):
         md["psfModelVariation"] = 0.0
         if not self.config.usePsfModelVariation:
             return None, 1.0
-        constant = ("GaussianPsf", "ImagePsf")
-        if type(template.psf).__name__ in constant and type(science.psf).__name__ in constant:
+        if template.psf.is_constant and science.psf.is_constant:
             return None, 1.0
         try:
             variation = model_kernel_variation(
@@ -635,7 +636,9 @@ class MakeKernelTask(Task):
         md["psfModelVariation"] = variation.amplitude
         if variation.amplitude < self.config.minPsfModelVariation:
             return None, 1.0
-        scale = _candidate_flux_ratio(candidates, radius)
+        ratio, relative_err, snr_t, snr_s = aperture_flux_ratios(candidates, radius)
+        min_snr = self.config.minStampSignalToNoise
+        scale = reference_flux_ratio(ratio, relative_err, (snr_t >= min_snr) & (snr_s >= min_snr))
         if not (math.isfinite(scale) and scale > 0):
             self.log.warning("no PSF-model kernel variation: the candidates' flux ratio is %g", scale)
             return None, 1.0
@@ -751,28 +754,28 @@ def candidate_summaries(candidates: Sequence[KernelCandidate]) -> list[dict[str,
     return [c.summary() for c in candidates]
 
 
-def _candidate_flux_ratio(candidates: Sequence[KernelCandidate], radius: float) -> float:
-    """Inverse-variance weighted median of the candidates' science/template aperture flux ratios."""
-    if not candidates:
-        return float("nan")
+def aperture_flux_ratios(
+    candidates: Sequence[KernelCandidate], radius: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Science/template aperture flux ratio of each candidate (:func:`stamp_fluxes`), its relative
+    error, and the aperture S/N in the template and in the science stamp (NaN where undefined)."""
     fluxes = np.array([stamp_fluxes(c, radius) for c in candidates]).reshape(-1, 4)
-    f_t, e_t, f_s, e_s = fluxes.T
-    ok = (f_t > 0) & (e_t > 0) & (e_s > 0) & np.isfinite(f_s)
-    if not ok.any():
+    ft, et, fs, es = fluxes.T
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return fs / ft, np.hypot(et / ft, es / fs), ft / et, fs / es
+
+
+def reference_flux_ratio(ratio: np.ndarray, relative_err: np.ndarray, usable: np.ndarray) -> float:
+    """The candidates' common flux ratio: the weighted median of the usable ratios (NaN below 3).
+
+    Weights come from the relative errors: weights from the ratio's own error (which scales with
+    the ratio) gave a near-zero ratio an enormous weight and made it the reference for every
+    candidate.
+    """
+    usable = usable & np.isfinite(ratio) & np.isfinite(relative_err)
+    if usable.sum() < 3:
         return float("nan")
-    ratio = f_s[ok] / f_t[ok]
-    err = np.hypot(e_s[ok] / f_t[ok], ratio * e_t[ok] / f_t[ok])
-    return weighted_median(ratio, 1.0 / err**2)
-
-
-def _restore_science_stamps(
-    candidates: Sequence[KernelCandidate], variation: KernelVariation, basis: AlardLuptonBasis, scale: float
-) -> list[KernelCandidate]:
-    """Candidates with the PSF-model variation added back to their science stamps (for diagnostics)."""
-    back = subtract_variation(candidates, variation, basis, -scale)
-    return [
-        replace(c, science=b.science) for c, b in zip(candidates, back, strict=True)
-    ]
+    return weighted_median(ratio[usable], 1.0 / relative_err[usable] ** 2)
 
 
 def weighted_median(values: np.ndarray, weights: np.ndarray) -> float:
@@ -1014,16 +1017,10 @@ def fit_kernel_weighted_clipping(
     bg_model = ChebyshevBasis2D(bbox, cfg.spatial_background_order) if cfg.fit_background else None
     unmatched: dict[int, KernelCandidate] = {}
     if min_stamp_snr > 0:
-        fluxes = np.array([stamp_fluxes(c, aperture_radius) for c in candidates]).reshape(-1, 4)
-        ft, et, fs, es = fluxes.T
-        with np.errstate(divide="ignore", invalid="ignore"):
-            matched = (ft / et >= min_stamp_snr) & (fs / es >= min_stamp_snr)
-            ratio = fs / ft
-            relative_err = np.hypot(et / ft, es / fs)
-            ratio_err = np.abs(ratio) * relative_err
-        # Weights from the relative errors: weights from ratio_err (which scales with the ratio) gave a
-        # near-zero ratio an enormous weight and made it the reference for every candidate.
-        reference = weighted_median(ratio[matched], 1.0 / relative_err[matched] ** 2) if matched.sum() >= 3 else np.nan
+        ratio, relative_err, snr_t, snr_s = aperture_flux_ratios(candidates, aperture_radius)
+        matched = (snr_t >= min_stamp_snr) & (snr_s >= min_stamp_snr)
+        ratio_err = np.abs(ratio) * relative_err
+        reference = reference_flux_ratio(ratio, relative_err, matched)
         off = matched & (np.abs(ratio - reference) > np.maximum(5.0 * ratio_err, 0.1 * np.abs(reference)))
         if not math.isfinite(reference) or off.sum() > 0.5 * matched.sum():
             # When most candidates disagree with the reference, the reference is what is wrong (the

@@ -79,6 +79,8 @@ VISIT_DETECTOR = ("instrument", "visit", "detector")
 
 #: Mask planes that make a pixel unusable for residual statistics.
 _STATS_BAD_PLANES = ("BAD", "SAT", "NO_DATA", "EDGE", "CR", "INTRP", "SUSPECT", "DETECTED", "DETECTED_NEGATIVE")
+#: Mask planes left out of the typical variance of an image (noise of the empty sky).
+_NOISE_BAD_PLANES = ("BAD", "SAT", "NO_DATA", "EDGE", "CR", "INTRP", "DETECTED")
 
 
 class ImageDifferenceConnections(
@@ -359,10 +361,8 @@ class ImageDifferenceTask(PipelineTask):
         del science_x, template_x
         kernel: SpatialKernel = kres.psfMatchingKernel
         cx, cy = science.bbox.center
-        bad = ("BAD", "SAT", "NO_DATA", "EDGE", "CR", "INTRP", "DETECTED")
-        var_s, var_t = _median_variance(science, bad), _median_variance(template, bad)
-        size = int(round(self.config.decorrelationKernelScale * max(kernel.kernel_size, p_s.shape[0], p_t.shape[0])))
-        size += 1 - size % 2
+        var_s, var_t = _median_variance(science), _median_variance(template)
+        size = self._filterSize(max(kernel.kernel_size, p_s.shape[0], p_t.shape[0]))
         g_s, g_t = zogy_filters(p_s, p_t, kernel.kernel_image(cx, cy), var_s, var_t, size)
         self.metadata["decorrelation"] = {
             "varianceConvolved": var_t, "varianceUnconvolved": var_s, "kernelSize": size, "crossConvolution": True,
@@ -589,6 +589,11 @@ class ImageDifferenceTask(PipelineTask):
         return result.scale
 
     # ------------------------------------------------------------------ decorrelation
+    def _filterSize(self, size: int) -> int:  # noqa: N802
+        """Odd size of a whitening filter: ``decorrelationKernelScale`` times ``size`` pixels."""
+        out = int(round(self.config.decorrelationKernelScale * size))
+        return out + 1 - out % 2
+
     def _decorrelate(
         self,
         image: np.ndarray,
@@ -610,11 +615,9 @@ class ImageDifferenceTask(PipelineTask):
         bbox = unconvolved.bbox
         cx, cy = bbox.center
         k_centre = kernel.kernel_image(cx, cy)
-        bad = ("BAD", "SAT", "NO_DATA", "EDGE", "CR", "INTRP", "DETECTED")
-        var_c = _median_variance(convolved, bad)
-        var_u = _median_variance(unconvolved, bad)
-        size = int(round(self.config.decorrelationKernelScale * kernel.kernel_size))
-        size += 1 - size % 2
+        var_c = _median_variance(convolved)
+        var_u = _median_variance(unconvolved)
+        size = self._filterSize(kernel.kernel_size)
         phi = decorrelation_kernel(k_centre, var_c, var_u, size)
         self.metadata["decorrelation"] = {
             "varianceConvolved": var_c,
@@ -768,8 +771,9 @@ def _finite_or_zero(array: np.ndarray) -> np.ndarray:
     return np.where(finite, array, np.float32(0))
 
 
-def _median_variance(exposure: Exposure, bad_planes: tuple[str, ...]) -> float:
-    ok = good_pixels(exposure, bad_planes, step=4)
+def _median_variance(exposure: Exposure) -> float:
+    """Median variance-plane value over sky pixels (every 4th pixel per axis), counts^2."""
+    ok = good_pixels(exposure, _NOISE_BAD_PLANES, step=4)
     values = exposure.variance[::4, ::4][ok]
     if values.size == 0:
         values = exposure.variance[np.isfinite(exposure.variance)]

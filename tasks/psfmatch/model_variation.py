@@ -19,7 +19,6 @@ import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
-import scipy.fft
 
 from butler.geometry import Box
 from butler.psf import Psf
@@ -29,7 +28,7 @@ from .candidates import model_psf_matching_candidates
 from .chebyshev import ChebyshevBasis2D, chebyshev_terms
 from .config import PsfMatchConfig
 from .fit import fit_kernel_to_candidates
-from .solve import KernelCandidate
+from .solve import KernelCandidate, valid_conv_per_stamp
 from .spatial import SpatialKernel
 
 __all__ = ["KernelVariation", "model_kernel_variation", "subtract_variation", "add_variation"]
@@ -109,28 +108,27 @@ def model_kernel_variation(
     return dataclasses.replace(variation, amplitude=amplitude)
 
 
-def _convolve_same(stamp: np.ndarray, kernel: np.ndarray) -> np.ndarray:
-    """``stamp (x) kernel`` on the stamp's pixels (zeros outside), float64."""
-    n, k = stamp.shape[0], kernel.shape[0]
-    size = scipy.fft.next_fast_len(n + k - 1, real=True)
-    full = scipy.fft.irfft2(scipy.fft.rfft2(stamp, (size, size)) * scipy.fft.rfft2(kernel, (size, size)), (size, size))
-    h = k // 2
-    return full[h : h + n, h : h + n]
-
-
 def subtract_variation(
     candidates: Sequence[KernelCandidate], variation: KernelVariation, basis: AlardLuptonBasis, scale: float
 ) -> list[KernelCandidate]:
     """Candidates whose science stamps lose ``scale * template (x) dK(x_k, y_k)`` (unsolved copies).
 
-    The science variance is kept: ``dK`` is small, and the template's noise it carries is a small
-    part of the science stamp's.
+    Only the pixels the kernel fit uses change (the stamp less the kernel half-width on each side,
+    where ``template (x) dK`` is fully defined).  The science variance is kept: ``dK`` is small, and
+    the template's noise it carries is a small part of the science stamp's.
     """
+    if not candidates:
+        return []
     delta = variation.kernel(basis)
+    k = delta.kernel_size
+    h = k // 2
+    stamps = np.stack([np.asarray(c.template, dtype=np.float64) for c in candidates])
+    kernels = delta.kernel_images(np.array([c.x for c in candidates]), np.array([c.y for c in candidates]))
+    valid = valid_conv_per_stamp(stamps, kernels, k, None)
     out = []
-    for c in candidates:
-        dk = delta.kernel_image(c.x, c.y)
-        science = c.science - scale * _convolve_same(np.asarray(c.template, dtype=np.float64), dk)
+    for c, conv in zip(candidates, valid, strict=True):
+        science = np.array(c.science, dtype=np.float64)
+        science[h : science.shape[0] - h, h : science.shape[1] - h] -= scale * conv
         out.append(dataclasses.replace(c, science=science, solution=None, status="unsolved", reason=""))
     return out
 

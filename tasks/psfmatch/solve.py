@@ -286,7 +286,7 @@ def _fft_size(size: int) -> int:
     return scipy.fft.next_fast_len(size, real=True)
 
 
-def _valid_conv_per_stamp(stamps: np.ndarray, kernels: np.ndarray, k: int, workers: int | None) -> np.ndarray:
+def valid_conv_per_stamp(stamps: np.ndarray, kernels: np.ndarray, k: int, workers: int | None) -> np.ndarray:
     """Valid-region true convolution of each ``(N, N)`` stamp with its own ``(k, k)`` kernel, by FFT.
 
     A circular convolution of length ``L >= N`` does not wrap into the valid region ``[k - 1, N)``.
@@ -479,7 +479,7 @@ def _convolved_noise_gram(
     # The valid convolution with the reversed weights: window sums sum_u V[a + u] w[u].  The basis
     # pixel (y, x) sees the window starting at (2h - y, 2h - x) = (k - 1 - y, k - 1 - x): R in
     # basis-image order is the window sums reversed.
-    windows = _valid_conv_per_stamp(variance, weights[:, ::-1, ::-1], weights.shape[-1], workers)[:, ::-1, ::-1]
+    windows = valid_conv_per_stamp(variance, weights[:, ::-1, ::-1], weights.shape[-1], workers)[:, ::-1, ::-1]
     flat = basis.reshape(basis.shape[0], -1)
     return np.einsum("ik,mk,jk->mij", flat, windows.reshape(len(variance), -1), flat, optimize=True)
 
@@ -555,7 +555,7 @@ def _solve_batch(
 
     # Variance of the difference: V_sci + V_tmpl (x) K^2, with each candidate's own kernel.
     kernels = np.einsum("mi,ijk->mjk", theta_local[:, :nb], basis)
-    var_conv = _valid_conv_per_stamp(var_tmpl_full, kernels**2, k, workers).reshape(m, npix)
+    var_conv = valid_conv_per_stamp(var_tmpl_full, kernels**2, k, workers).reshape(m, npix)
     var_diff = var_sci + np.maximum(var_conv, 0.0)
     inv_diff = np.where(var_diff > 0, 1.0 / np.where(var_diff > 0, var_diff, 1.0), 0.0)
     inv_sigma = np.sqrt(inv_diff)
